@@ -1,0 +1,95 @@
+"""The nine protocol endpoints: decode the request, call the driver, encode the answer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, current_app, json, request
+
+from plugin.api import protocol
+from plugin.driver import VolumeDriver
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("volume_driver", __name__)
+
+
+def reply(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(payload), status=status, mimetype=protocol.CONTENT_TYPE)
+
+
+def _driver() -> VolumeDriver:
+    driver: VolumeDriver = current_app.extensions["stowage.driver"]
+    return driver
+
+
+def _body() -> dict[str, Any]:
+    return protocol.parse_body(request.get_data(cache=False))
+
+
+@bp.post(protocol.ACTIVATE)
+def activate() -> Response:
+    log.info("request %s ", protocol.ACTIVATE)
+    return reply({"Implements": ["VolumeDriver"]})
+
+
+@bp.post(protocol.CAPABILITIES)
+def capabilities() -> Response:
+    log.info("request %s ", protocol.CAPABILITIES)
+    return reply({"Capabilities": {"Scope": _driver().capabilities()}})
+
+
+@bp.post(protocol.CREATE)
+def create() -> Response:
+    req = protocol.CreateRequest.parse(_body())
+    log.info("request %s name=%r opts=%s", protocol.CREATE, req.name, sorted(req.opts))
+    _driver().create(req.name, req.opts)
+    return reply(protocol.ok())
+
+
+@bp.post(protocol.REMOVE)
+def remove() -> Response:
+    req = protocol.NameRequest.parse(_body())
+    log.info("request %s name=%r", protocol.REMOVE, req.name)
+    _driver().remove(req.name)
+    return reply(protocol.ok())
+
+
+@bp.post(protocol.MOUNT)
+def mount() -> Response:
+    req = protocol.MountRequest.parse(_body())
+    log.info("request %s name=%r id=%s", protocol.MOUNT, req.name, req.mount_id)
+    mountpoint = _driver().mount(req.name, req.mount_id)
+    return reply({"Mountpoint": mountpoint, "Err": ""})
+
+
+@bp.post(protocol.UNMOUNT)
+def unmount() -> Response:
+    req = protocol.MountRequest.parse(_body())
+    log.info("request %s name=%r id=%s", protocol.UNMOUNT, req.name, req.mount_id)
+    _driver().unmount(req.name, req.mount_id)
+    return reply(protocol.ok())
+
+
+@bp.post(protocol.PATH)
+def path() -> Response:
+    req = protocol.NameRequest.parse(_body())
+    log.info("request %s name=%r", protocol.PATH, req.name)
+    return reply({"Mountpoint": _driver().path(req.name), "Err": ""})
+
+
+@bp.post(protocol.GET)
+def get() -> Response:
+    req = protocol.NameRequest.parse(_body())
+    log.debug("request %s name=%r", protocol.GET, req.name)
+    info = _driver().get(req.name)
+    volume = protocol.volume_json(info.name, info.mountpoint, info.created_at, info.status)
+    return reply({"Volume": volume, "Err": ""})
+
+
+@bp.post(protocol.LIST)
+def list_volumes() -> Response:
+    log.debug("request %s ", protocol.LIST)
+    volumes = [protocol.volume_json(v.name, v.mountpoint) for v in _driver().list()]
+    return reply({"Volumes": volumes, "Err": ""})

@@ -1,0 +1,269 @@
+"""The volume driver: registry, idempotent Create, mount refcounts by Docker's mount ID, and
+restart recovery. It knows nothing of HTTP; the API layer translates its errors.
+
+Locking: `_lock` guards the in-memory maps and is held only briefly. Slow work (a backend's
+mount, a tree deletion) runs under a per-volume lock, so Get and List of other volumes never
+wait behind it. Docker itself serialises calls per volume name; the per-volume lock makes that a
+guarantee rather than an assumption.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from plugin.backends.base import Backend
+from plugin.driver.state import StateStore
+from plugin.errors import (
+    BackendError,
+    PluginError,
+    VolumeConflictError,
+    VolumeNotFoundError,
+)
+from plugin.names import validate_name
+from plugin.options import check_options, split_backend
+from plugin.records import VolumeRecord
+
+log = logging.getLogger(__name__)
+
+SCOPE = "local"
+_LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What Get and List report about one volume."""
+
+    name: str
+    mountpoint: str
+    created_at: str
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class VolumeDriver:
+    def __init__(self, store: StateStore, backends: Mapping[str, Backend]) -> None:
+        self._store = store
+        self._backends = dict(backends)
+        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        loaded = store.load()
+        self._volumes: dict[str, VolumeRecord] = loaded.volumes
+        self._mounts: dict[str, dict[str, int]] = loaded.mounts
+        log.info(
+            "loaded %s volumes (%s with active mounts) from %s",
+            len(self._volumes),
+            len(self._mounts),
+            store.path,
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _volume_lock(self, name: str) -> threading.Lock:
+        return self._stripes[zlib.crc32(name.encode()) % _LOCK_STRIPES]
+
+    def _record(self, name: str) -> VolumeRecord:
+        with self._lock:
+            record = self._volumes.get(name)
+        if record is None or record.removing:
+            raise VolumeNotFoundError(name)
+        return record
+
+    def _backend(self, record: VolumeRecord) -> Backend:
+        backend = self._backends.get(record.backend)
+        if backend is None:
+            raise BackendError(
+                f"volume {record.name!r} uses backend {record.backend!r}, which this stowage "
+                "does not provide"
+            )
+        return backend
+
+    def _active_count(self, name: str) -> int:
+        with self._lock:
+            return sum(self._mounts.get(name, {}).values())
+
+    # -- protocol operations -------------------------------------------------------------------
+
+    def create(self, name: object, raw_options: Mapping[str, str] | None) -> None:
+        name = validate_name(name)
+        kind, options = split_backend(raw_options, list(self._backends))
+        backend = self._backends[kind]
+        check_options(kind, options, backend.option_specs)
+        with self._volume_lock(name):
+            existing = self._volumes.get(name)
+            if existing is not None and existing.removing:
+                self._finish_remove(existing)
+                existing = None
+            if existing is not None:
+                # Docker re-sends Create (e.g. after a plugin restart): same options is a no-op.
+                if existing.backend == kind and existing.options == backend.canonical_options(
+                    options
+                ):
+                    log.info("create %s: already exists with the same options", name)
+                    return
+                raise VolumeConflictError(
+                    f"volume {name!r} already exists with different options "
+                    f"(backend={existing.backend}, {_fmt(existing.options)}); remove it first "
+                    "to recreate it with new options"
+                )
+            backend.validate(name, options)
+            record = VolumeRecord(name, kind, backend.canonical_options(options), _now_rfc3339())
+            backend.create(record)
+            self._store.add_volume(record)
+            with self._lock:
+                self._volumes[name] = record
+        log.info("created volume %s backend=%s %s", name, kind, _fmt(record.options))
+
+    def remove(self, name: object) -> None:
+        name = validate_name(name)
+        with self._volume_lock(name):
+            record = self._record(name)
+            if self._active_count(name):
+                # Docker refuses `volume rm` while a container uses the volume, so counts that
+                # reach us here are stale (a crash, a lost Unmount): proceed, don't block forever.
+                log.warning(
+                    "remove %s: dropping stale mount IDs %s",
+                    name,
+                    sorted(self._mounts.get(name, {})),
+                )
+            self._store.mark_removing(name)
+            with self._lock:
+                self._volumes[name] = VolumeRecord(
+                    record.name, record.backend, record.options, record.created_at, removing=True
+                )
+            self._finish_remove(record)
+        log.info("removed volume %s", name)
+
+    def _finish_remove(self, record: VolumeRecord) -> None:
+        """Second half of Remove, also run at start for a Remove a crash interrupted."""
+        self._backend(record).remove(record)
+        self._store.delete_volume(record.name)
+        with self._lock:
+            self._volumes.pop(record.name, None)
+            self._mounts.pop(record.name, None)
+
+    def mount(self, name: object, mount_id: str) -> str:
+        name = validate_name(name)
+        with self._volume_lock(name):
+            record = self._record(name)
+            backend = self._backend(record)
+            first = self._active_count(name) == 0
+            mountpoint = backend.mount(record) if first else backend.mountpoint(record)
+            with self._lock:
+                ids = self._mounts.setdefault(name, {})
+                count = ids.get(mount_id, 0) + 1
+                ids[mount_id] = count
+            try:
+                self._store.set_mount_count(name, mount_id, count)
+            except PluginError:
+                with self._lock:
+                    ids[mount_id] -= 1
+                    if not ids[mount_id]:
+                        del ids[mount_id]
+                if first:
+                    backend.unmount(record)
+                raise
+        log.info("mounted %s id=%s count=%s at %s", name, mount_id, count, mountpoint)
+        return str(mountpoint)
+
+    def unmount(self, name: object, mount_id: str) -> None:
+        name = validate_name(name)
+        with self._volume_lock(name):
+            with self._lock:
+                record = self._volumes.get(name)
+                ids = self._mounts.get(name, {})
+                count = ids.get(mount_id, 0)
+            if record is None or count == 0:
+                # An error here makes container cleanup report "error unmounting volume";
+                # unknown IDs are normal after a crash or reboot (moby#46508).
+                log.info("unmount %s id=%s: not an active mount ID, nothing to do", name, mount_id)
+                return
+            count -= 1
+            self._store.set_mount_count(name, mount_id, count)
+            with self._lock:
+                if count:
+                    ids[mount_id] = count
+                else:
+                    del ids[mount_id]
+                    if not ids:
+                        self._mounts.pop(name, None)
+            remaining = self._active_count(name)
+            if remaining == 0:
+                self._backend(record).unmount(record)
+        log.info("unmounted %s id=%s (%s active mounts left)", name, mount_id, remaining)
+
+    def path(self, name: object) -> str:
+        record = self._record(validate_name(name))
+        return str(self._backend(record).mountpoint(record))
+
+    def get(self, name: object) -> VolumeInfo:
+        record = self._record(validate_name(name))
+        return self._info(record, with_status=True)
+
+    def list(self) -> list[VolumeInfo]:
+        with self._lock:
+            records = [r for r in self._volumes.values() if not r.removing]
+        return [self._info(r, with_status=False) for r in records]
+
+    def capabilities(self) -> str:
+        return SCOPE
+
+    def _info(self, record: VolumeRecord, with_status: bool) -> VolumeInfo:
+        backend = self._backends.get(record.backend)
+        mountpoint = str(backend.mountpoint(record)) if backend else ""
+        status: dict[str, Any] = {}
+        if with_status:
+            status = {
+                "backend": record.backend,
+                "options": dict(record.options),
+                "mounts": self._active_count(record.name),
+                "created_at": record.created_at,
+            }
+            if backend is not None:
+                status.update(backend.status(record))
+        return VolumeInfo(record.name, mountpoint, record.created_at, status)
+
+    # -- restart recovery ----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish interrupted Removes and re-establish mounts after a restart.
+
+        Runs in the background after the socket is serving, so Docker's Get calls at boot are
+        answered from state at once and never wait for a backend.
+        """
+        for backend in self._backends.values():
+            try:
+                backend.housekeeping()
+            except Exception:
+                log.exception("housekeeping of backend %s failed", backend.kind)
+        with self._lock:
+            records = list(self._volumes.values())
+        for record in records:
+            with self._volume_lock(record.name):
+                try:
+                    if record.removing:
+                        log.info("finishing interrupted remove of %s", record.name)
+                        self._finish_remove(record)
+                    else:
+                        mounted = self._active_count(record.name) > 0
+                        self._backend(record).recover(record, mounted)
+                except PluginError as exc:
+                    log.warning("recovery of volume %s failed: %s", record.name, exc)
+                except Exception:
+                    log.exception("recovery of volume %s failed", record.name)
+        log.info("recovery finished for %s volumes", len(records))
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def _fmt(options: Mapping[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(options.items())) or "(no options)"

@@ -1,0 +1,107 @@
+"""Volume options: the typed table each backend declares, and validation against it.
+
+Options arrive as Docker's `map[string]string` (or null). Keys are normalised (case, `-` vs `_`)
+so `-o read-only=true` and `-o readonly=true` are not two different things to a user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from plugin.errors import InvalidOptionError
+
+#: Substrings of option names that look like credentials. Docker shows every option in
+#: `docker volume inspect`, so secrets must come from the daemon's side instead.
+SECRET_MARKERS = ("access_key", "secret", "password", "passwd", "token", "credential")
+
+BACKEND_OPTION = "backend"
+DEFAULT_BACKEND = "local"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option a backend accepts: how to check its value and what to tell users about it."""
+
+    name: str
+    help: str
+    check: Callable[[str], object]
+
+
+def normalise_key(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_id(value: str) -> int:
+    """A uid or gid: a decimal number (names would resolve differently inside containers)."""
+    if not value.strip().isdigit():
+        raise ValueError(f"expected a numeric id, got {value!r}")
+    number = int(value)
+    if number > 2**32 - 2:
+        raise ValueError(f"id {number} is out of range")
+    return number
+
+
+def parse_mode(value: str) -> int:
+    """An octal permission mode such as 0755, 755 or 0o755."""
+    text = value.strip().lower().removeprefix("0o")
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"expected an octal mode such as 0755, got {value!r}") from None
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode {value!r} is out of range (0000-7777)")
+    return mode
+
+
+def split_backend(
+    raw: Mapping[str, str] | None, known_backends: list[str]
+) -> tuple[str, dict[str, str]]:
+    """Normalise option keys and pull out `backend`; returns (backend kind, remaining options)."""
+    options: dict[str, str] = {}
+    for key, value in (raw or {}).items():
+        norm = normalise_key(key)
+        if not norm:
+            raise InvalidOptionError("option names must not be empty")
+        if norm in options:
+            raise InvalidOptionError(f"option {key!r} is given twice")
+        options[norm] = value
+    backend = options.pop(BACKEND_OPTION, DEFAULT_BACKEND).strip().lower() or DEFAULT_BACKEND
+    if backend not in known_backends:
+        raise InvalidOptionError(
+            f"unknown backend {backend!r}; valid backends: {', '.join(sorted(known_backends))}"
+        )
+    return backend, options
+
+
+def check_options(
+    backend: str, options: Mapping[str, str], specs: Mapping[str, OptionSpec]
+) -> None:
+    """Reject secrets, unknown options and malformed values, naming the option each time."""
+    for key, value in options.items():
+        if any(marker in key for marker in SECRET_MARKERS):
+            raise InvalidOptionError(
+                f"option {key!r} looks like a credential; credentials are never accepted as "
+                "volume options because `docker volume inspect` shows options to anyone. "
+                "Configure them on the stowage daemon (AWS environment, shared credentials "
+                "file, or a named profile) and select one with -o profile=NAME"
+            )
+        spec = specs.get(key)
+        if spec is None:
+            valid = ", ".join([BACKEND_OPTION, *sorted(specs)])
+            raise InvalidOptionError(
+                f"unknown option {key!r} for backend {backend!r}; valid options: {valid}"
+            )
+        try:
+            spec.check(value)
+        except ValueError as exc:
+            raise InvalidOptionError(f"option {key}={value!r}: {exc}") from None

@@ -1,0 +1,129 @@
+"""`stowage serve`: the Flask app under gunicorn on the plugin's unix socket.
+
+gunicorn settings, each for a reason from Docker's side (../docs/protocol.md §6):
+- one worker process: the registry and its locks are in-process; two workers would split them;
+- gthread with threads: Get and List are answered while a slow Mount runs;
+- timeout 150 s: above Docker's 2-minute Create/Mount deadline, so no slow Mount is killed;
+- graceful_timeout 8 s: below Docker's and systemd's 10 s before SIGKILL;
+- umask 0117: the socket is created mode 0660, owned by root;
+- keepalive: dockerd reuses its HTTP connection to the plugin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from plugin.logs import LOG_FORMAT, setup_logging
+from plugin.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 150
+GRACEFUL_TIMEOUT_S = 8
+THREADS = 8
+
+
+class ServeError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+def check_socket_path(path: str) -> None:
+    """Refuse to steal the socket of a live daemon; a stale one from a dead run is replaced."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ServeError(f"{path} exists and is not a socket; move it away or pick --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+    except OSError:
+        log.info("replacing stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise ServeError(f"another process is already serving on {path}; stop it first")
+
+
+def _gunicorn_logconfig(level: str) -> dict[str, Any]:
+    """gunicorn logs to stderr by default, which dockerd reports as ERROR; use stdout."""
+    handler = {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stdout": handler},
+        "root": {"level": level.upper(), "handlers": ["stdout"]},
+        "loggers": {
+            "gunicorn.error": {"level": level.upper(), "propagate": True},
+            "gunicorn.access": {"level": "WARNING", "propagate": True},
+        },
+    }
+
+
+class PluginServer(BaseApplication):  # type: ignore[misc]  # untyped base class
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.driver: Any = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        options: dict[str, Any] = {
+            "bind": [f"unix:{self.settings.socket_path}"],
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": THREADS,
+            "timeout": REQUEST_TIMEOUT_S,
+            "graceful_timeout": GRACEFUL_TIMEOUT_S,
+            "keepalive": 75,
+            "umask": 0o117,
+            "proc_name": "stowage",
+            "preload_app": False,
+            "logconfig_dict": _gunicorn_logconfig(self.settings.log_level),
+            "accesslog": None,
+            "control_socket_disable": True,
+            "worker_exit": self._worker_exit,
+        }
+        for key, value in options.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self) -> Callable[..., Any]:
+        """Runs in the worker after fork: build the driver, serve at once, recover behind."""
+        # Imported here so the master binds the socket before the slow imports happen.
+        from plugin.api import create_app
+        from plugin.wiring import build_driver
+
+        setup_logging(self.settings.log_level)
+        self.driver = build_driver(self.settings)
+        threading.Thread(target=self.driver.recover, name="recovery", daemon=True).start()
+        return create_app(self.driver)
+
+    def _worker_exit(self, _server: Any, _worker: Any) -> None:
+        # Mounts are deliberately left in place: containers keep using them across a restart.
+        if self.driver is not None:
+            self.driver.close()
+
+
+def serve(settings: Settings) -> None:
+    setup_logging(settings.log_level)
+    socket_dir = settings.socket_path.parent
+    socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    check_socket_path(str(settings.socket_path))
+    log.info(
+        "stowage serving on %s, root %s, allowed paths: %s",
+        settings.socket_path,
+        settings.root,
+        ", ".join(map(str, settings.allowed_paths)) or "(none)",
+    )
+    PluginServer(settings).run()

@@ -1,0 +1,80 @@
+"""Daemon settings from command-line flags, each with an environment equivalent.
+
+This is the only module that reads os.environ: managed plugins are configured through `Env`
+entries in config.json (`docker plugin set STOWAGE_LOG_LEVEL=debug`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from plugin import PLUGIN_NAME
+from plugin.logs import LEVELS
+
+DEFAULT_SOCKET = Path(f"/run/docker/plugins/{PLUGIN_NAME}.sock")
+DEFAULT_ROOT = Path("/var/lib/stowage")
+
+ENV_SOCKET = "STOWAGE_SOCKET"
+ENV_ROOT = "STOWAGE_ROOT"
+ENV_LOG_LEVEL = "STOWAGE_LOG_LEVEL"
+ENV_ALLOWED_PATHS = "STOWAGE_ALLOWED_PATHS"
+
+
+@dataclass(frozen=True)
+class Settings:
+    socket_path: Path = DEFAULT_SOCKET
+    root: Path = DEFAULT_ROOT
+    log_level: str = "info"
+    allowed_paths: tuple[Path, ...] = ()
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.db"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=Path(env.get(ENV_SOCKET, str(DEFAULT_SOCKET))),
+        help=f"unix socket to serve on; dockerd finds legacy plugins by the socket's name "
+        f"under /run/docker/plugins (env {ENV_SOCKET}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(env.get(ENV_ROOT, str(DEFAULT_ROOT))),
+        help=f"directory for state and managed volume data (env {ENV_ROOT}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default=env.get(ENV_LOG_LEVEL, "info").lower(),
+        help=f"log verbosity; logs go to stdout (env {ENV_LOG_LEVEL}; default %(default)s)",
+    )
+    allowed_env = [Path(p) for p in env.get(ENV_ALLOWED_PATHS, "").split(os.pathsep) if p]
+    parser.add_argument(
+        "--allowed-path",
+        dest="allowed_paths",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="DIR",
+        help=f"host directory that path= volumes may point into; repeatable "
+        f"(env {ENV_ALLOWED_PATHS}, {os.pathsep!r}-separated; default: none, path= disabled)",
+    )
+    parser.set_defaults(allowed_paths_env=allowed_env)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    allowed = args.allowed_paths if args.allowed_paths is not None else args.allowed_paths_env
+    return Settings(
+        socket_path=args.socket.absolute(),
+        root=args.root.absolute(),
+        log_level=args.log_level,
+        allowed_paths=tuple(p.absolute() for p in allowed),
+    )

@@ -1,0 +1,18 @@
+"""Builds the driver and its backends from settings: the one place that knows them all."""
+
+from __future__ import annotations
+
+from plugin.backends import Backend, LocalBackend
+from plugin.driver import VolumeDriver
+from plugin.driver.state import StateStore
+from plugin.settings import Settings
+
+
+def build_backends(settings: Settings) -> dict[str, Backend]:
+    backends: list[Backend] = [LocalBackend(settings.root, settings.allowed_paths)]
+    return {backend.kind: backend for backend in backends}
+
+
+def build_driver(settings: Settings) -> VolumeDriver:
+    settings.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return VolumeDriver(StateStore(settings.state_path), build_backends(settings))
