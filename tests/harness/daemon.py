@@ -59,6 +59,7 @@ class StowageDaemon:
         self.extra_args = extra_args
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[PluginClient] = []
 
     def command(self) -> list[str]:
         cmd = [
@@ -102,6 +103,7 @@ class StowageDaemon:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, as Docker and systemd do; SIGKILL if it outlives `timeout`."""
+        self.close_clients()
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
@@ -113,6 +115,7 @@ class StowageDaemon:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (gunicorn master and worker): a crash."""
+        self.close_clients()
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -124,7 +127,15 @@ class StowageDaemon:
         self.start()
 
     def client(self) -> PluginClient:
-        return PluginClient(str(self.socket_path))
+        """A new client; closed by stop() and kill(), so tests need not track it."""
+        client = PluginClient(str(self.socket_path))
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
 
     def log_text(self) -> str:
         try:

@@ -19,7 +19,11 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self._socket_path)
+        try:
+            sock.connect(self._socket_path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -30,6 +34,12 @@ class PluginClient:
         self.socket_path = socket_path
         self.timeout = timeout
         self._conn: _UnixHTTPConnection | None = None
+
+    def __enter__(self) -> PluginClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -52,6 +62,9 @@ class PluginClient:
                 if attempt:
                     raise
                 continue
+            except OSError:
+                self.close()
+                raise
             if resp.getheader("Connection", "").lower() == "close":
                 self.close()
             return resp.status, data
