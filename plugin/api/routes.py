@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, current_app, json, request
+from flask import Blueprint, Response, current_app, request
 
 from plugin.api import protocol
 from plugin.driver import VolumeDriver
@@ -16,6 +17,7 @@ bp = Blueprint("volume_driver", __name__)
 
 
 def reply(payload: dict[str, Any], status: int = 200) -> Response:
+    # Plain json.dumps: Flask's provider sorts keys, which costs milliseconds on a List of 10,000.
     return Response(json.dumps(payload), status=status, mimetype=protocol.CONTENT_TYPE)
 
 
@@ -91,5 +93,5 @@ def get() -> Response:
 @bp.post(protocol.LIST)
 def list_volumes() -> Response:
     log.debug("request %s ", protocol.LIST)
-    volumes = [protocol.volume_json(v.name, v.mountpoint) for v in _driver().list()]
+    volumes = [protocol.volume_json(name, mountpoint) for name, mountpoint in _driver().list()]
     return reply({"Volumes": volumes, "Err": ""})
