@@ -38,7 +38,8 @@ class Backend(ABC):
 
     @abstractmethod
     def mount(self, record: VolumeRecord) -> Path:
-        """Called on the first active mount; returns mountpoint(record)."""
+        """Make the data available at mountpoint(record) and return it. Called on every
+        Mount: must be idempotent, cheap when already mounted, and repair a dead mount."""
 
     @abstractmethod
     def unmount(self, record: VolumeRecord) -> None:

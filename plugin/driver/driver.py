@@ -161,7 +161,9 @@ class VolumeDriver:
             record = self._record(name)
             backend = self._backend(record)
             first = self._active_count(name) == 0
-            mountpoint = backend.mount(record) if first else backend.mountpoint(record)
+            # Every Mount goes to the backend, not only the first: a FUSE process that died
+            # under a running container is repaired by the next container's Mount.
+            mountpoint = backend.mount(record)
             with self._lock:
                 ids = self._mounts.setdefault(name, {})
                 count = ids.get(mount_id, 0) + 1
