@@ -10,6 +10,7 @@ from flask import Blueprint, Response, current_app, request
 
 from plugin.api import protocol
 from plugin.driver import VolumeDriver
+from plugin.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,16 @@ def _driver() -> VolumeDriver:
 
 
 def _body() -> dict[str, Any]:
-    return protocol.parse_body(request.get_data(cache=False))
+    """The request body, for endpoints that need fields in it."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        # dockerd re-sends a request cut off by a plugin restart without its body
+        # (moby/moby#39331): say so, instead of only "missing field".
+        raise InvalidRequestError(
+            "empty request body (dockerd retries a request interrupted by a plugin restart "
+            "without its body); run the docker command again"
+        )
+    return protocol.parse_body(raw)
 
 
 @bp.post(protocol.ACTIVATE)
@@ -92,6 +102,7 @@ def get() -> Response:
 
 @bp.post(protocol.LIST)
 def list_volumes() -> Response:
+    # Get and List are logged at DEBUG: dockerd calls them constantly (inspect, every start).
     log.debug("request %s ", protocol.LIST)
     volumes = [protocol.volume_json(name, mountpoint) for name, mountpoint in _driver().list()]
     return reply({"Volumes": volumes, "Err": ""})

@@ -121,6 +121,16 @@ class StowageDaemon:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        # The gunicorn worker may outlive the master briefly, its socket still accepting: wait
+        # until the whole group is gone, or a restart could be "ready" on the dying worker.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"stowage process group {self.proc.pid} survived SIGKILL")
 
     def restart(self) -> None:
         self.stop()

@@ -77,7 +77,7 @@ def test_go_style_key_casing_is_tolerated(client: FlaskClient) -> None:
         (b"[1, 2]", "request body must be a JSON object, got list"),
         (b'"Name"', "must be a JSON object, got str"),
         (b"{}", "request is missing the 'Name' field"),
-        (b"", "request is missing the 'Name' field"),
+        (b"", "empty request body (dockerd retries"),
         (b"null", "request is missing the 'Name' field"),
         (b'{"Name": 5}', "field 'Name' must be a string, got int"),
         (b'{"Name": "v", "Opts": []}', "field 'Opts' must be a JSON object"),

@@ -1,0 +1,1 @@
+"""Real-dockerd end-to-end tier (pytest marker `docker`); see conftest.py."""
