@@ -87,7 +87,7 @@ def check_options(
     backend: str, options: Mapping[str, str], specs: Mapping[str, OptionSpec]
 ) -> None:
     """Reject secrets, unknown options and malformed values, naming the option each time."""
-    for key, value in options.items():
+    for key in options:  # secrets first: whatever else is wrong, say this
         if any(marker in key for marker in SECRET_MARKERS):
             raise InvalidOptionError(
                 f"option {key!r} looks like a credential; credentials are never accepted as "
@@ -95,6 +95,7 @@ def check_options(
                 "Configure them on the stowage daemon (AWS environment, shared credentials "
                 "file, or a named profile) and select one with -o profile=NAME"
             )
+    for key, value in options.items():
         spec = specs.get(key)
         if spec is None:
             valid = ", ".join([BACKEND_OPTION, *sorted(specs)])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from plugin.backends import Backend, LocalBackend
+from plugin.backends.s3 import S3Backend
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
 from plugin.settings import Settings
 
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
-    backends: list[Backend] = [LocalBackend(settings.root, settings.allowed_paths)]
+    backends: list[Backend] = [
+        LocalBackend(settings.root, settings.allowed_paths),
+        S3Backend(settings.root, settings.root / "mounts"),
+    ]
     return {backend.kind: backend for backend in backends}
 
 

@@ -9,6 +9,7 @@ guarantee rather than an assumption.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import zlib
@@ -140,15 +141,23 @@ class VolumeDriver:
                 )
             self._store.mark_removing(name)
             with self._lock:
-                self._volumes[name] = VolumeRecord(
-                    record.name, record.backend, record.options, record.created_at, removing=True
-                )
+                self._volumes[name] = dataclasses.replace(record, removing=True)
             self._finish_remove(record)
         log.info("removed volume %s", name)
 
     def _finish_remove(self, record: VolumeRecord) -> None:
-        """Second half of Remove, also run at start for a Remove a crash interrupted."""
-        self._backend(record).remove(record)
+        """Second half of Remove, also run at start for a Remove a crash interrupted.
+
+        A backend may refuse (e.g. S3 data not yet uploaded): then the volume is restored,
+        visible and usable, rather than left half-removed.
+        """
+        try:
+            self._backend(record).remove(record)
+        except PluginError:
+            self._store.mark_removing(record.name, removing=False)
+            with self._lock:
+                self._volumes[record.name] = dataclasses.replace(record, removing=False)
+            raise
         self._store.delete_volume(record.name)
         with self._lock:
             self._volumes.pop(record.name, None)

@@ -141,9 +141,9 @@ class StateStore:
                 (record.name, record.backend, json.dumps(record.options), record.created_at),
             )
 
-    def mark_removing(self, name: str) -> None:
+    def mark_removing(self, name: str, removing: bool = True) -> None:
         with self._transaction(durable=True) as db:
-            db.execute("UPDATE volumes SET removing=1 WHERE name=?", (name,))
+            db.execute("UPDATE volumes SET removing=? WHERE name=?", (int(removing), name))
 
     def delete_volume(self, name: str) -> None:
         with self._transaction(durable=True) as db:

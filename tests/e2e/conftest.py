@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import s3servers
 from harness.daemon import StowageDaemon
 from harness.dockerd import (
     Dockerd,
@@ -31,6 +32,7 @@ from harness.dockerd import (
     with_descendants,
 )
 from harness.images import TestImages, build_test_images
+from harness.s3servers import S3Server
 
 from e2e.helpers import E2E, Calls, missing_prerequisite, remove_everything
 
@@ -138,8 +140,14 @@ def stowage(e2e_base: Path, driver_name: str, allowed_dir: Path) -> Iterator[Sto
     PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
     socket_path = PLUGINS_DIR / f"{driver_name}.sock"
     root = e2e_base / "stowage"
+    # The daemon's side of S3 credentials (for the S3 volume tests): the standard AWS chain
+    # reads them from its environment; they never appear in volume options.
     daemon = StowageDaemon(
-        socket_path, root, e2e_base / "stowage.log", allowed_paths=(allowed_dir,)
+        socket_path,
+        root,
+        e2e_base / "stowage.log",
+        allowed_paths=(allowed_dir,),
+        env=s3servers.aws_env({}),
     )
     try:
         daemon.start()
@@ -153,6 +161,13 @@ def stowage(e2e_base: Path, driver_name: str, allowed_dir: Path) -> Iterator[Sto
             unmount_under(root)
             _rmdir_if_created(PLUGINS_DIR, created_plugins)
             _rmdir_if_created(PLUGINS_DIR.parent, created_run_docker)
+
+
+@pytest.fixture(scope="session")
+def s3_server(e2e_base: Path) -> Iterator[S3Server]:
+    """`rclone serve s3` on loopback for the S3 volume tests."""
+    with s3servers.running_server("rclone", e2e_base / "s3") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,336 @@
+"""S3 volumes: a bucket prefix served through a FUSE process (plugin.fusefs) per mounted volume.
+
+Credentials never travel in volume options (`docker volume inspect` shows options to anyone):
+they come from the daemon's environment through the standard AWS chain, or from named profiles
+in `<root>/credentials` (AWS shared-credentials format, mode 0600) selected by `-o profile=`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import stat
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from plugin.backends.base import Backend
+from plugin.backends.fuseproc import FuseProcess, FuseStartError
+from plugin.errors import BackendError, InvalidOptionError, MountError
+from plugin.names import encode_name
+from plugin.options import OptionSpec, parse_bool, parse_id, parse_mode
+from plugin.records import VolumeRecord
+
+log = logging.getLogger(__name__)
+
+#: Create checks the endpoint and bucket with these short limits, well inside Docker's 2 min.
+CHECK_CONNECT_TIMEOUT_S = 3.0
+CHECK_READ_TIMEOUT_S = 5.0
+#: How long Mount waits for the FUSE process; under the 30 s managed-plugin client timeout.
+MOUNT_TIMEOUT_S = 25.0
+#: How long Unmount waits for dirty data to upload; Docker gives Unmount one minute.
+UNMOUNT_TIMEOUT_S = 50.0
+
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str) -> int:
+    """A byte count with an optional K/M/G/T suffix (binary), e.g. 512M."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = text[-1:] if text[-1:] in _SIZE_SUFFIXES else ""
+    number = text[: len(text) - len(suffix)]
+    if not number.isdigit():
+        raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
+    return int(number) * _SIZE_SUFFIXES[suffix]
+
+
+def parse_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if not 0 <= seconds <= 86400:
+        raise ValueError("expected between 0 and 86400 seconds")
+    return seconds
+
+
+def _check_endpoint(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("expected a URL starting with http:// or https://")
+    return value
+
+
+def _check_bucket(value: str) -> str:
+    if not 3 <= len(value) <= 63 or "/" in value or value != value.strip():
+        raise ValueError("expected an S3 bucket name (3-63 characters, no '/')")
+    return value
+
+
+def _check_text(value: str) -> str:
+    if "\0" in value or "\n" in value:
+        raise ValueError("must not contain NUL or newline characters")
+    return value
+
+
+class S3Backend(Backend):
+    kind: ClassVar[str] = "s3"
+    option_specs: ClassVar[Mapping[str, OptionSpec]] = {
+        spec.name: spec
+        for spec in (
+            OptionSpec("bucket", "bucket name (required)", _check_bucket),
+            OptionSpec(
+                "prefix", "key prefix the volume is rooted at (default: the bucket)", _check_text
+            ),
+            OptionSpec(
+                "endpoint", "S3 endpoint URL (default: AWS for the region)", _check_endpoint
+            ),
+            OptionSpec("region", "S3 region", _check_text),
+            OptionSpec("profile", "named profile from the daemon's credentials", _check_text),
+            OptionSpec("uid", "owner of files without s3fs metadata", parse_id),
+            OptionSpec("gid", "group of files without s3fs metadata", parse_id),
+            OptionSpec("umask", "umask for files without s3fs metadata, e.g. 0022", parse_mode),
+            OptionSpec("readonly", "true: mount read-only", parse_bool),
+            OptionSpec(
+                "dir_markers",
+                "false: do not store empty directories as `dir/` objects (for servers that "
+                "cannot, e.g. rclone serve s3)",
+                parse_bool,
+            ),
+            OptionSpec(
+                "metadata_ttl", "seconds to cache object metadata (default 10)", parse_seconds
+            ),
+            OptionSpec("cache_size", "data cache size cap, e.g. 2G (default 2G)", parse_size),
+            OptionSpec(
+                "remove_data",
+                "true: `docker volume rm` also deletes every object under the prefix",
+                parse_bool,
+            ),
+        )
+    }
+
+    def __init__(self, root: Path, mounts_dir: Path) -> None:
+        super().__init__(root)
+        self.state_root = root / "s3"
+        self.mounts_dir = mounts_dir
+        self.credentials_file = root / "credentials"
+
+    # -- paths and helpers -------------------------------------------------------------------
+
+    def _state_dir(self, record: VolumeRecord) -> Path:
+        return self.state_root / encode_name(record.name)
+
+    def _cache_dir(self, record: VolumeRecord) -> Path:
+        return self._state_dir(record) / "cache"
+
+    def mountpoint(self, record: VolumeRecord) -> Path:
+        return self.mounts_dir / encode_name(record.name)
+
+    def _process(self, record: VolumeRecord) -> FuseProcess:
+        return FuseProcess(self._state_dir(record), self.mountpoint(record))
+
+    def _credentials(self) -> str | None:
+        """The profiles file under --root, if present; refused unless private (0600)."""
+        try:
+            st = self.credentials_file.stat()
+        except FileNotFoundError:
+            return None
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise BackendError(
+                f"credentials file {self.credentials_file} is readable by others; "
+                f"run: chmod 600 {self.credentials_file}"
+            )
+        return str(self.credentials_file)
+
+    def canonical_options(self, options: Mapping[str, str]) -> dict[str, str]:
+        result = dict(options)
+        if "prefix" in result:
+            result["prefix"] = result["prefix"].strip("/")
+        return result
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def validate(self, name: str, options: Mapping[str, str]) -> None:
+        if not options.get("bucket"):
+            raise InvalidOptionError("backend=s3 needs -o bucket=NAME")
+        self._check_bucket_reachable(options)
+
+    def _check_bucket_reachable(self, options: Mapping[str, str]) -> None:
+        import botocore.exceptions
+
+        from plugin import s3client
+
+        endpoint = options.get("endpoint") or "the default AWS endpoint"
+        bucket = options["bucket"]
+        where = f"bucket {bucket!r} at {endpoint}"
+        settings = s3client.S3Settings(
+            endpoint_url=options.get("endpoint"),
+            region=options.get("region"),
+            profile=options.get("profile"),
+            credentials_file=self._credentials(),
+            connect_timeout=CHECK_CONNECT_TIMEOUT_S,
+            read_timeout=CHECK_READ_TIMEOUT_S,
+            max_attempts=1,
+        )
+        try:
+            client = s3client.make_s3_client(settings)
+            client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ProfileNotFound:
+            raise InvalidOptionError(
+                f"profile {options.get('profile')!r} not found in the daemon's AWS config or in "
+                f"{self.credentials_file}"
+            ) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise InvalidOptionError(
+                f"no S3 credentials for {where}: give the daemon AWS_ACCESS_KEY_ID/"
+                f"AWS_SECRET_ACCESS_KEY, or a profile in {self.credentials_file} and "
+                "-o profile=NAME"
+            ) from None
+        except (
+            botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError,
+            botocore.exceptions.ConnectionClosedError,
+        ) as exc:
+            raise InvalidOptionError(f"cannot reach S3 endpoint {endpoint} ({exc})") from None
+        except botocore.exceptions.ClientError as exc:
+            code = s3client.error_code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise InvalidOptionError(f"{where} does not exist") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise InvalidOptionError(
+                    f"access to {where} denied ({code}); check the daemon's credentials or "
+                    "-o profile="
+                ) from None
+            raise InvalidOptionError(f"checking {where} failed: {exc}") from None
+        except ValueError as exc:  # e.g. an endpoint URL botocore cannot parse
+            raise InvalidOptionError(f"invalid S3 settings for {where}: {exc}") from None
+
+    def create(self, record: VolumeRecord) -> None:
+        try:
+            self._state_dir(record).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create {self._state_dir(record)}: {exc.strerror}") from exc
+
+    def _argv(self, record: VolumeRecord) -> list[str]:
+        opts = record.options
+        argv = [sys.executable, "-m", "plugin.fusefs", "--bucket", opts["bucket"]]
+        argv += ["--prefix", opts.get("prefix", ""), "--cache-dir", str(self._cache_dir(record))]
+        for option, flag in (
+            ("endpoint", "--endpoint"),
+            ("region", "--region"),
+            ("profile", "--profile"),
+            ("uid", "--uid"),
+            ("gid", "--gid"),
+            ("metadata_ttl", "--metadata-ttl"),
+        ):
+            if option in opts:
+                argv += [flag, opts[option]]
+        if "umask" in opts:
+            argv += ["--umask", format(parse_mode(opts["umask"]), "o")]
+        if not parse_bool(opts.get("dir_markers", "true")):
+            argv.append("--no-dir-markers")
+        if "cache_size" in opts:
+            argv += ["--cache-size", str(parse_size(opts["cache_size"]))]
+        if parse_bool(opts.get("readonly", "false")):
+            argv.append("--readonly")
+        credentials = self._credentials()
+        if credentials:
+            argv += ["--credentials-file", credentials]
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        return [*argv, "--log-level", level if level in ("debug", "info") else "info"]
+
+    def mount(self, record: VolumeRecord) -> Path:
+        process = self._process(record)
+        if process.running() and process.state() == "mounted":
+            return self.mountpoint(record)
+        process.clean()  # a dead process's ENOTCONN mountpoint, a stale pid file
+        try:
+            process.start(self._argv(record), dict(os.environ), MOUNT_TIMEOUT_S)
+        except FuseStartError as exc:
+            raise MountError(f"S3 volume {record.name!r}: {exc}") from None
+        except OSError as exc:
+            raise MountError(f"S3 volume {record.name!r}: cannot start FUSE: {exc}") from exc
+        return self.mountpoint(record)
+
+    def unmount(self, record: VolumeRecord) -> None:
+        process = self._process(record)
+        process.stop(UNMOUNT_TIMEOUT_S)
+        pending = self._pending_uploads(record)
+        if pending:
+            raise BackendError(
+                f"S3 volume {record.name!r}: {pending} file(s) could not be uploaded; their "
+                f"data is kept in {self._cache_dir(record)} and is retried at the next mount"
+            )
+        # Fails if still a mountpoint of a process we could not stop, or already gone.
+        with contextlib.suppress(OSError):
+            self.mountpoint(record).rmdir()
+
+    def _pending_uploads(self, record: VolumeRecord) -> int:
+        cache = self._cache_dir(record)
+        return len(list(cache.glob("*.json"))) if cache.is_dir() else 0
+
+    def remove(self, record: VolumeRecord) -> None:
+        self._process(record).stop(UNMOUNT_TIMEOUT_S)
+        pending = self._pending_uploads(record)
+        if pending:
+            raise BackendError(
+                f"refusing to remove S3 volume {record.name!r}: {pending} file(s) in "
+                f"{self._cache_dir(record)} were never uploaded. Mount the volume again to "
+                "retry the upload, or delete that directory yourself to discard them"
+            )
+        if parse_bool(record.options.get("remove_data", "false")):
+            self._delete_objects(record)
+        shutil.rmtree(self._state_dir(record), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.mountpoint(record).rmdir()
+
+    def _delete_objects(self, record: VolumeRecord) -> None:
+        from plugin import s3client
+
+        opts = record.options
+        client = s3client.make_s3_client(
+            s3client.S3Settings(
+                endpoint_url=opts.get("endpoint"),
+                region=opts.get("region"),
+                profile=opts.get("profile"),
+                credentials_file=self._credentials(),
+            )
+        )
+        prefix = opts.get("prefix", "")
+        prefix = prefix + "/" if prefix else ""
+        deleted = 0
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=opts["bucket"], Prefix=prefix
+            ):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=opts["bucket"], Delete={"Objects": keys})
+                    deleted += len(keys)
+        except Exception as exc:
+            raise BackendError(
+                f"S3 volume {record.name!r}: deleting objects under "
+                f"s3://{opts['bucket']}/{prefix} failed after {deleted}: {exc}"
+            ) from exc
+        log.info("deleted %s objects under s3://%s/%s", deleted, opts["bucket"], prefix)
+
+    def status(self, record: VolumeRecord) -> dict[str, Any]:
+        status: dict[str, Any] = {"fuse": self._process(record).state()}
+        pending = self._pending_uploads(record)
+        if pending:
+            status["pending_uploads"] = pending
+        return status
+
+    def recover(self, record: VolumeRecord, mounted: bool) -> None:
+        process = self._process(record)
+        if mounted:
+            if process.running() and process.state() == "mounted":
+                log.info("adopted the live FUSE process of %s", record.name)
+                return
+            log.info("remounting %s: its FUSE process is gone", record.name)
+            self.mount(record)
+        elif process.recorded() is not None:
+            process.stop(UNMOUNT_TIMEOUT_S)

@@ -1,0 +1,263 @@
+"""Entry point: `python -m plugin.fusefs --endpoint URL --bucket B [...] MOUNTPOINT`.
+
+Runs in the foreground until the mountpoint is unmounted or SIGTERM/SIGINT arrives; on either
+it uploads dirty files before exiting. Exit status: 0 clean, 1 if some data could not be
+uploaded (it stays in the cache directory, journaled), 2 on a startup error.
+Credentials come from the AWS chain (env, shared files, --profile), never from arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from plugin import s3client
+from plugin.fusefs.cache import DataCache, MiB, UploadConfig
+from plugin.fusefs.fs import FsConfig, S3Filesystem
+from plugin.fusefs.inodes import Defaults
+from plugin.fusefs.operations import S3Operations
+from plugin.fusefs.store import ObjectStore
+from plugin.logs import LEVELS, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _octal(value: str) -> int:
+    return int(value, 8)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m plugin.fusefs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mountpoint")
+    p.add_argument("--endpoint", help="S3 endpoint URL (default: AWS for the region)")
+    p.add_argument("--bucket", required=True)
+    p.add_argument("--prefix", default="", help="key prefix to mount (default: whole bucket)")
+    p.add_argument("--region")
+    p.add_argument("--profile", help="named profile from the shared credentials/config files")
+    p.add_argument("--credentials-file", help="shared credentials file to read profiles from")
+    p.add_argument(
+        "--uid", type=int, default=os.getuid(), help="owner of objects without s3fs metadata"
+    )
+    p.add_argument(
+        "--gid", type=int, default=os.getgid(), help="group of objects without s3fs metadata"
+    )
+    p.add_argument(
+        "--umask",
+        type=_octal,
+        default=0o022,
+        help="permissions mask (octal) for objects without s3fs metadata",
+    )
+    p.add_argument("--readonly", action="store_true")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="local data cache; keep it persistent so failed uploads survive "
+        "(default: a temporary directory)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        default=2 << 30,
+        help="bytes of clean cached data to keep (dirty data is never evicted)",
+    )
+    p.add_argument(
+        "--metadata-ttl", type=float, default=10.0, help="seconds to trust attributes read from S3"
+    )
+    p.add_argument("--multipart-threshold", type=int, default=64 * MiB)
+    p.add_argument("--part-size", type=int, default=16 * MiB)
+    p.add_argument("--upload-concurrency", type=int, default=4)
+    p.add_argument(
+        "--readahead-max",
+        type=int,
+        default=64 * MiB,
+        help="largest read-ahead window for sequential readers",
+    )
+    p.add_argument(
+        "--no-dir-markers",
+        action="store_true",
+        help="do not create 'dir/' marker objects (for servers that map keys to "
+        "files, such as rclone serve s3 on a directory)",
+    )
+    p.add_argument("--no-writeback-cache", action="store_true")
+    p.add_argument(
+        "--retry-interval",
+        type=float,
+        default=30.0,
+        help="seconds between retries of failed uploads",
+    )
+    p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument("--read-timeout", type=float, default=60.0)
+    p.add_argument("--max-attempts", type=int, default=3, help="attempts per S3 request")
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        help="write 'ready\\n' to this inherited fd once mounted, then close it",
+    )
+    p.add_argument("--log-level", choices=LEVELS, default="info")
+    p.add_argument("--debug-fuse", action="store_true", help="libfuse request tracing")
+    return p.parse_args(argv)
+
+
+def _syncfs(path: str) -> None:
+    """syncfs(2) without the GIL. pyfuse3.syncfs holds it, which deadlocks a process that
+    syncs its own mount: the kernel's writeback waits for handlers that cannot run."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
+    """SIGTERM/SIGINT: push the kernel's dirty pages to us, upload them, then stop.
+
+    The FUSE loop keeps running until terminate(), so writeback can reach our handlers.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: flushing and unmounting", signum)
+            try:
+                with trio.move_on_after(60):
+                    await trio.to_thread.run_sync(_syncfs, mountpoint)
+                    await fs.flush_all()
+            except Exception:
+                log.exception("flush before exit failed")
+            pyfuse3.terminate()
+            return
+
+
+async def _run(fs: S3Filesystem, mountpoint: str, ready_fd: int | None) -> int:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals, fs, mountpoint)
+        nursery.start_soon(fs.retry_failed_uploads)
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, b"ready\n")
+            finally:
+                os.close(ready_fd)
+        log.info("mounted s3://%s/%s at %s", fs.store.bucket, fs.prefix, mountpoint)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    failed = await fs.flush_all()
+    if failed:
+        log.error(
+            "%d file(s) could not be uploaded; their data is kept in %s", failed, fs.cache.cache_dir
+        )
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    # botocore's debug output (signatures, headers) drowns ours and costs CPU per request.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)
+    mountpoint = os.path.abspath(args.mountpoint)
+
+    settings = s3client.S3Settings(
+        endpoint_url=args.endpoint,
+        region=args.region,
+        profile=args.profile,
+        credentials_file=args.credentials_file,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        max_attempts=args.max_attempts,
+        max_pool_connections=32 + 4 * args.upload_concurrency,
+    )
+    try:
+        client = s3client.make_s3_client(settings)
+        # A plain call before mounting: bad credentials or bucket fail here, with S3's
+        # message and exit status 2, not as EIO on the first ls.
+        client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
+    except Exception as exc:
+        log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
+        return 2
+
+    temp_cache = args.cache_dir is None
+    cache_dir = Path(tempfile.mkdtemp(prefix="stowage-fusefs-")) if temp_cache else args.cache_dir
+    store = ObjectStore(client, args.bucket)
+    cache = DataCache(
+        store,
+        cache_dir,
+        max_size=args.cache_size,
+        readahead_max=args.readahead_max,
+        upload=UploadConfig(
+            multipart_threshold=args.multipart_threshold,
+            part_size=args.part_size,
+            concurrency=args.upload_concurrency,
+        ),
+    )
+    try:
+        pending = cache.open_dir()
+    except (OSError, RuntimeError) as exc:
+        log.error("cache directory: %s", exc)
+        return 2
+    if pending:
+        log.warning(
+            "%d upload(s) from a previous run are pending; retrying in background", len(pending)
+        )
+    fs = S3Filesystem(
+        store,
+        cache,
+        FsConfig(
+            prefix=args.prefix,
+            defaults=Defaults(uid=args.uid, gid=args.gid, umask=args.umask),
+            metadata_ttl=args.metadata_ttl,
+            readonly=args.readonly,
+            dir_markers=not args.no_dir_markers,
+            retry_interval=args.retry_interval,
+        ),
+    )
+    fs.pending_journals = pending
+    ops = S3Operations(fs, writeback_cache=not args.no_writeback_cache)
+
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {f"fsname=stowage:{args.bucket}", "subtype=stowage", "allow_other"}
+    if args.readonly:
+        options.add("ro")
+    if args.debug_fuse:
+        options.add("debug")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except Exception as exc:
+        log.error("cannot mount %s: %s", mountpoint, exc)
+        cache.close_dir()
+        return 2
+    try:
+        status = trio.run(_run, fs, mountpoint, args.ready_fd)
+    except BaseException:
+        log.exception("filesystem loop failed")
+        pyfuse3.close(unmount=False)
+        raise
+    pyfuse3.close(unmount=True)
+    cache.close_dir()
+    if temp_cache and status == 0:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    log.info("unmounted %s (status %d)", mountpoint, status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

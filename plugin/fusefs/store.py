@@ -1,0 +1,356 @@
+"""Async object-store API over a blocking boto3 client.
+
+Every boto3 call runs in a worker thread (`trio.to_thread.run_sync`) under one capacity
+limiter, so the trio loop keeps serving FUSE requests while S3 answers. botocore errors are
+translated here into `NotFoundError` / `RemoteError`; nothing above this module sees boto3.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import botocore.exceptions
+import trio
+
+from plugin import s3client
+from plugin.fusefs.errors import NotFoundError, RemoteError, StaleError
+
+if TYPE_CHECKING:
+    from plugin.fusefs.cache import UploadConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Bytes per read from a GET body; large enough to keep per-call overhead small.
+STREAM_CHUNK = 1 << 20
+#: CopyObject's limit; larger objects need a multipart copy.
+MAX_COPY_SIZE = 5 * (1 << 30)
+#: S3 allows at most this many parts per multipart upload.
+MAX_PARTS = 10_000
+
+DIR_CONTENT_TYPE = "application/x-directory"
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str | None
+    last_modified_ns: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+
+
+@dataclass
+class ListPage:
+    """One ListObjectsV2 page, relative to the listed prefix."""
+
+    files: list[ObjectInfo]
+    dirs: list[str]
+    next_token: str | None
+
+
+def _ns(dt: Any) -> int:
+    return int(dt.timestamp() * 1_000_000_000) if dt is not None else 0
+
+
+def _etag(value: str | None) -> str | None:
+    return value.strip('"') if value else None
+
+
+class ObjectStore:
+    """One bucket, accessed through a thread-safe boto3 client."""
+
+    def __init__(self, client: Any, bucket: str, *, max_threads: int = 16) -> None:
+        self.client = client
+        self.bucket = bucket
+        self._limiter = trio.CapacityLimiter(max_threads)
+
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args, **kwargs), limiter=self._limiter
+            )
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            if s3client.is_not_found(exc):
+                raise NotFoundError(what) from exc
+            if s3client.error_code(exc) in ("412", "PreconditionFailed"):
+                raise StaleError(f"{what}: the object changed on the server") from exc
+            raise RemoteError(f"{what}: {exc}") from exc
+        except OSError as exc:
+            # urllib3/socket errors that botocore did not wrap.
+            raise RemoteError(f"{what}: {exc}") from exc
+
+    async def check_bucket(self, prefix: str) -> None:
+        """Fail early, with S3's own message, if the bucket cannot be listed."""
+        await self._run(
+            f"list s3://{self.bucket}/{prefix}",
+            self.client.list_objects_v2,
+            Bucket=self.bucket,
+            Prefix=prefix,
+            MaxKeys=1,
+        )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = await self._run(f"head {key}", self.client.head_object, Bucket=self.bucket, Key=key)
+        except NotFoundError:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(r.get("ContentLength", 0)),
+            etag=_etag(r.get("ETag")),
+            last_modified_ns=_ns(r.get("LastModified")),
+            metadata=dict(r.get("Metadata") or {}),
+            content_type=r.get("ContentType"),
+        )
+
+    async def list_page(
+        self, prefix: str, token: str | None, *, delimiter: str | None = "/", max_keys: int = 1000
+    ) -> ListPage:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        if token:
+            kwargs["ContinuationToken"] = token
+        log.debug("list %s (continued: %s)", prefix, token is not None)
+        r = await self._run(f"list {prefix}", self.client.list_objects_v2, **kwargs)
+        files = [
+            ObjectInfo(
+                key=o["Key"],
+                size=int(o.get("Size", 0)),
+                etag=_etag(o.get("ETag")),
+                last_modified_ns=_ns(o.get("LastModified")),
+            )
+            for o in r.get("Contents", [])
+        ]
+        dirs = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+        token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
+        return ListPage(files=files, dirs=dirs, next_token=token)
+
+    async def list_keys(self, prefix: str) -> list[ObjectInfo]:
+        """Every object below *prefix*, recursively (for directory rename)."""
+        out: list[ObjectInfo] = []
+        token = None
+        while True:
+            page = await self.list_page(prefix, token, delimiter=None)
+            out.extend(page.files)
+            token = page.next_token
+            if token is None:
+                return out
+
+    async def get_bytes(self, key: str) -> bytes:
+        """A whole (small) object, e.g. a symlink's target."""
+
+        def _get() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return await self._run(f"get {key}", _get)
+
+    async def put_bytes(
+        self, key: str, data: bytes, metadata: dict[str, str], content_type: str | None = None
+    ) -> str | None:
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": data,
+            "Metadata": metadata,
+        }
+        if content_type:
+            kwargs["ContentType"] = content_type
+        r = await self._run(f"put {key}", self.client.put_object, **kwargs)
+        return _etag(r.get("ETag"))
+
+    async def fetch_into(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        fd: int,
+        gaps: list[tuple[int, int]],
+        *,
+        etag: str | None,
+    ) -> None:
+        """GET `[start, end)` of *key* and pwrite the parts that fall into *gaps* to *fd*."""
+        await self._run(
+            f"get {key} [{start}, {end})", self._fetch_into_sync, key, start, end, fd, gaps, etag
+        )
+
+    def _fetch_into_sync(
+        self, key: str, start: int, end: int, fd: int, gaps: list[tuple[int, int]], etag: str | None
+    ) -> None:
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Range": f"bytes={start}-{end - 1}",
+        }
+        if etag:
+            # Never splice bytes of a newer object version into an older cached one.
+            kwargs["IfMatch"] = f'"{etag}"'
+        body = self.client.get_object(**kwargs)["Body"]
+        try:
+            pos = start
+            gi = 0
+            while pos < end:
+                chunk = body.read(min(STREAM_CHUNK, end - pos))
+                if not chunk:
+                    raise RemoteError(f"get {key}: body ended at {pos}, expected {end}")
+                cend = pos + len(chunk)
+                while gi < len(gaps) and gaps[gi][1] <= pos:
+                    gi += 1
+                j = gi
+                while j < len(gaps) and gaps[j][0] < cend:
+                    s, e = max(gaps[j][0], pos), min(gaps[j][1], cend)
+                    view = memoryview(chunk)[s - pos : e - pos]
+                    while view:
+                        n = os.pwrite(fd, view, s)
+                        view = view[n:]
+                        s += n
+                    j += 1
+                pos = cend
+        finally:
+            body.close()
+
+    async def upload_file(
+        self,
+        key: str,
+        fd: int,
+        size: int,
+        metadata: dict[str, str],
+        content_type: str | None,
+        config: UploadConfig,
+    ) -> str | None:
+        """Upload `size` bytes of *fd*: one PUT below the threshold, multipart above."""
+        if size < config.multipart_threshold:
+            return await self._run(
+                f"put {key}", self._put_fd_sync, key, fd, size, metadata, content_type
+            )
+        return await self._run(
+            f"multipart upload {key}",
+            self._multipart_sync,
+            key,
+            fd,
+            size,
+            metadata,
+            content_type,
+            config,
+        )
+
+    def _put_fd_sync(
+        self, key: str, fd: int, size: int, metadata: dict[str, str], content_type: str | None
+    ) -> str | None:
+        data = os.pread(fd, size, 0) if size else b""
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": data,
+            "Metadata": metadata,
+        }
+        if content_type:
+            kwargs["ContentType"] = content_type
+        return _etag(self.client.put_object(**kwargs).get("ETag"))
+
+    def _multipart_sync(
+        self,
+        key: str,
+        fd: int,
+        size: int,
+        metadata: dict[str, str],
+        content_type: str | None,
+        config: UploadConfig,
+    ) -> str | None:
+        part_size = max(config.part_size, -(-size // MAX_PARTS))
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        upload_id = self.client.create_multipart_upload(**kwargs)["UploadId"]
+
+        def _part(number: int) -> dict[str, Any]:
+            offset = (number - 1) * part_size
+            data = os.pread(fd, min(part_size, size - offset), offset)
+            r = self.client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            )
+            return {"PartNumber": number, "ETag": r["ETag"]}
+
+        count = -(-size // part_size)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(
+                max_workers=config.concurrency, thread_name_prefix="upload-part"
+            ) as pool:
+                parts = list(pool.map(_part, range(1, count + 1)))
+            r = self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception as exc:  # best effort: the original error matters more
+                log.warning("abort of multipart upload %s for %s failed: %s", upload_id, key, exc)
+            raise
+        log.debug("multipart upload of %s: %d parts of %d bytes", key, count, part_size)
+        return _etag(r.get("ETag"))
+
+    async def copy(
+        self,
+        src: str,
+        dst: str,
+        *,
+        size: int,
+        metadata: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        """Server-side copy; returns the new ETag if known. Passing *metadata* replaces the
+        object's metadata (chmod/chown/utimens copy an object onto itself)."""
+        source = {"Bucket": self.bucket, "Key": src}
+        extra: dict[str, Any] = {}
+        if metadata is not None:
+            extra = {"MetadataDirective": "REPLACE", "Metadata": metadata}
+            if content_type:
+                extra["ContentType"] = content_type
+        if size < MAX_COPY_SIZE:
+            r = await self._run(
+                f"copy {src} -> {dst}",
+                self.client.copy_object,
+                Bucket=self.bucket,
+                Key=dst,
+                CopySource=source,
+                **extra,
+            )
+            return _etag((r.get("CopyObjectResult") or {}).get("ETag"))
+        await self._run(
+            f"copy {src} -> {dst}",
+            self.client.copy,
+            source,
+            self.bucket,
+            dst,
+            ExtraArgs=extra or None,
+        )
+        return None
+
+    async def delete(self, key: str) -> None:
+        await self._run(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            r = await self._run(
+                f"delete {len(batch)} keys",
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            errors = r.get("Errors") or []
+            if errors:
+                raise RemoteError(f"delete failed for {len(errors)} keys, e.g. {errors[0]}")

@@ -1,0 +1,138 @@
+"""Fast checks of the FUSE filesystem's pure parts and error boundary (no mount needed)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.fuse, pytest.mark.s3]
+
+pyfuse3 = pytest.importorskip("pyfuse3")
+trio = pytest.importorskip("trio")
+
+from plugin.fusefs import errors  # noqa: E402
+from plugin.fusefs.cache import INITIAL_WINDOW, Ranges, ReadAhead  # noqa: E402
+from plugin.fusefs.inodes import (  # noqa: E402
+    Attrs,
+    Defaults,
+    attrs_from_metadata,
+    format_mtime,
+    metadata_for,
+    parse_mtime,
+)
+from plugin.fusefs.operations import S3Operations  # noqa: E402
+
+MiB = 1 << 20
+
+
+def test_ranges_merge_clip_and_gaps() -> None:
+    r = Ranges()
+    r.add(10, 20)
+    r.add(30, 40)
+    r.add(20, 25)
+    assert r.as_list() == [(10, 25), (30, 40)]
+    assert r.missing(0, 50) == [(0, 10), (25, 30), (40, 50)]
+    assert r.covers(12, 25)
+    assert not r.covers(12, 26)
+    r.add(5, 35)
+    assert r.as_list() == [(5, 40)]
+    r.clip(15)
+    assert r.as_list() == [(5, 15)]
+    r.clip(5)
+    assert r.as_list() == []
+
+
+def test_readahead_grows_on_sequential_reads_and_resets_on_seek() -> None:
+    ra = ReadAhead(max_window=16 * MiB)
+    assert ra.window_for(0) == INITIAL_WINDOW
+    ra.note_read(0, 128 * 1024)
+    assert ra.window_for(128 * 1024) == 2 * INITIAL_WINDOW
+    ra.note_read(128 * 1024, 256 * 1024)
+    assert ra.window_for(256 * 1024) == 4 * INITIAL_WINDOW
+    for _ in range(10):
+        ra.window_for(ra.next_offset)
+    assert ra.window == 16 * MiB
+    assert ra.window_for(900 * MiB) == INITIAL_WINDOW
+
+
+def test_s3fs_metadata_round_trip() -> None:
+    attrs = Attrs(
+        mode=stat.S_IFREG | 0o640, uid=7, gid=8, size=3, mtime_ns=1_500_000_000_250_000_000
+    )
+    meta = metadata_for(attrs)
+    assert meta == {"mode": "33184", "uid": "7", "gid": "8", "mtime": "1500000000.250000000"}
+    back = attrs_from_metadata(
+        {k.capitalize(): v for k, v in meta.items()},  # servers may capitalise keys
+        size=3,
+        last_modified_ns=0,
+        default_mode=Defaults().file_mode,
+        defaults=Defaults(),
+    )
+    assert back == attrs
+    assert format_mtime(1_600_000_000 * 10**9) == "1600000000"
+    assert parse_mtime("1600000000.5") == 1_600_000_000_500_000_000
+    assert parse_mtime("garbage") is None
+
+
+def test_missing_or_garbled_metadata_gets_defaults() -> None:
+    d = Defaults(uid=1000, gid=1001, umask=0o027)
+    a = attrs_from_metadata(
+        {"mode": "oops", "mtime": "x"},
+        size=1,
+        last_modified_ns=42,
+        default_mode=d.file_mode,
+        defaults=d,
+    )
+    assert (a.mode, a.uid, a.gid, a.mtime_ns) == (stat.S_IFREG | 0o640, 1000, 1001, 42)
+    # Permission bits only (some tools): the type comes from the key's shape.
+    a = attrs_from_metadata(
+        {"mode": "493"}, size=0, last_modified_ns=0, default_mode=d.dir_mode, defaults=d
+    )
+    assert a.mode == stat.S_IFDIR | 0o755
+
+
+class _ExplodingFs:
+    ttl = 1.0
+
+    async def getattr(self, inode: int) -> Any:
+        raise RuntimeError("bug in a handler")
+
+    async def readlink(self, inode: int) -> Any:
+        raise errors.NotFoundError("gone")
+
+    async def unlink(self, parent: int, name: bytes) -> Any:
+        raise errors.RemoteError("S3 is down")
+
+    async def read(self, fh: int, off: int, size: int) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda ops: ops.getattr(5, None), errno.EIO),
+        (lambda ops: ops.readlink(5, None), errno.ENOENT),
+        (lambda ops: ops.unlink(1, b"x", None), errno.EIO),
+        (lambda ops: ops.read(1, 0, 10), errno.ENOSPC),
+        (lambda ops: ops.link(5, 1, b"x", None), errno.EPERM),
+        (lambda ops: ops.mknod(1, b"fifo", stat.S_IFIFO | 0o644, 0, None), errno.EOPNOTSUPP),
+    ],
+)
+def test_handler_errors_become_fuse_errors_not_crashes(
+    call: Any, expected: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    ops = S3Operations(_ExplodingFs())  # type: ignore[arg-type]
+
+    async def _run() -> None:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await call(ops)
+        assert exc.value.errno == expected
+
+    with caplog.at_level(logging.DEBUG, logger="plugin.fusefs.operations"):
+        trio.run(_run)
+    if expected == errno.EIO and "bug" in caplog.text:
+        assert "Traceback" in caplog.text  # unexpected errors are logged with their stack

@@ -1,0 +1,19 @@
+"""Helpers shared by the S3 backend tests (a conftest cannot be imported by name reliably)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from harness.s3servers import S3Server
+
+from plugin.driver import VolumeDriver
+
+DriverFactory = Callable[[], VolumeDriver]
+
+
+def s3_options(server: S3Server, bucket: str, **extra: str) -> dict[str, str]:
+    opts = {"backend": "s3", "bucket": bucket, "endpoint": server.endpoint}
+    if not server.supports_dir_markers:
+        opts["dir_markers"] = "false"
+    opts.update(extra)
+    return opts
