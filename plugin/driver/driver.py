@@ -62,6 +62,7 @@ class VolumeDriver:
         # Mountpoints are fixed for a volume's life; caching them keeps List of 10,000 volumes
         # in milliseconds (pathlib costs ~20 us per path).
         self._mountpoints: dict[str, str] = {}
+        self._generation = 0  # bumped whenever the set of volumes changes
         log.info(
             "loaded %s volumes (%s with active mounts) from %s",
             len(self._volumes),
@@ -125,6 +126,7 @@ class VolumeDriver:
             with self._lock:
                 self._volumes[name] = record
                 self._mountpoints.pop(name, None)
+                self._generation += 1
         log.info("created volume %s backend=%s %s", name, kind, _fmt(record.options))
 
     def remove(self, name: object) -> None:
@@ -163,6 +165,7 @@ class VolumeDriver:
             self._volumes.pop(record.name, None)
             self._mounts.pop(record.name, None)
             self._mountpoints.pop(record.name, None)
+            self._generation += 1
 
     def mount(self, name: object, mount_id: str) -> str:
         name = validate_name(name)
@@ -224,6 +227,11 @@ class VolumeDriver:
     def get(self, name: object) -> VolumeInfo:
         record = self._record(validate_name(name))
         return self._info(record)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever List's answer may change: lets callers cache what they build from it."""
+        return self._generation
 
     def list(self) -> list[tuple[str, str]]:
         """(name, mountpoint) of every volume; the whole registry, so kept lean."""

@@ -120,3 +120,15 @@ def test_unexpected_exception_becomes_err(client: FlaskClient, driver: VolumeDri
     assert (
         body["Err"] == "internal error in stowage (RuntimeError: disk on fire); see the plugin log"
     )
+
+
+def test_list_follows_creates_and_removes(client: FlaskClient) -> None:
+    """List answers are cached between changes; every change must show at once."""
+    seen = []
+    for name in ("a", "b", "c"):
+        call(client, "/VolumeDriver.Create", {"Name": name})
+        seen.append(sorted(v["Name"] for v in call(client, "/VolumeDriver.List", {})[1]["Volumes"]))
+    call(client, "/VolumeDriver.Remove", {"Name": "b"})
+    final = sorted(v["Name"] for v in call(client, "/VolumeDriver.List", {})[1]["Volumes"])
+    assert seen == [["a"], ["a", "b"], ["a", "b", "c"]]
+    assert final == ["a", "c"]
