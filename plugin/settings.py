@@ -21,6 +21,7 @@ ENV_SOCKET = "STOWAGE_SOCKET"
 ENV_ROOT = "STOWAGE_ROOT"
 ENV_LOG_LEVEL = "STOWAGE_LOG_LEVEL"
 ENV_ALLOWED_PATHS = "STOWAGE_ALLOWED_PATHS"
+ENV_MOUNT_ROOT = "STOWAGE_MOUNT_ROOT"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Settings:
     root: Path = DEFAULT_ROOT
     log_level: str = "info"
     allowed_paths: tuple[Path, ...] = ()
+    #: Where every Mountpoint handed to Docker lies; a managed plugin's PropagatedMount.
+    mount_root: Path | None = None
 
     @property
     def state_path(self) -> Path:
@@ -68,6 +71,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"(env {ENV_ALLOWED_PATHS}, {os.pathsep!r}-separated; default: none, path= disabled)",
     )
     parser.set_defaults(allowed_paths_env=allowed_env)
+    mount_root_env = env.get(ENV_MOUNT_ROOT)
+    parser.add_argument(
+        "--mount-root",
+        type=Path,
+        default=Path(mount_root_env) if mount_root_env else None,
+        metavar="DIR",
+        help=f"hand Docker every volume as a mount under DIR; a managed plugin sets its "
+        f"PropagatedMount here (env {ENV_MOUNT_ROOT}; default: local volumes are their data "
+        "directory, S3 mounts go under ROOT/mounts)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -77,4 +90,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         root=args.root.absolute(),
         log_level=args.log_level,
         allowed_paths=tuple(p.absolute() for p in allowed),
+        mount_root=args.mount_root.absolute() if args.mount_root else None,
     )

@@ -11,8 +11,8 @@ from plugin.settings import Settings
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
     backends: list[Backend] = [
-        LocalBackend(settings.root, settings.allowed_paths),
-        S3Backend(settings.root, settings.root / "mounts"),
+        LocalBackend(settings.root, settings.allowed_paths, settings.mount_root),
+        S3Backend(settings.root, settings.mount_root or settings.root / "mounts"),
     ]
     return {backend.kind: backend for backend in backends}
 

@@ -54,11 +54,21 @@ class LocalBackend(Backend):
         )
     }
 
-    def __init__(self, root: Path, allowed_paths: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        allowed_paths: tuple[Path, ...] = (),
+        mount_root: Path | None = None,
+    ) -> None:
+        """`mount_root` set (a managed plugin's PropagatedMount): every volume is handed to
+        Docker as a bind under it, since paths elsewhere are invisible to dockerd. Unset
+        (legacy plugin): Docker gets the data directory itself, and read-only binds go to
+        `<root>/mounts`."""
         super().__init__(root)
         self.allowed_paths = tuple(Path(os.path.realpath(p)) for p in allowed_paths)
         self.volumes_dir = root / "volumes"
-        self.mounts_dir = root / "mounts"
+        self.always_bind = mount_root is not None
+        self.mounts_dir = mount_root if mount_root is not None else root / "mounts"
         self.trash_dir = root / "trash"
 
     # -- paths ---------------------------------------------------------------------------------
@@ -76,7 +86,7 @@ class LocalBackend(Backend):
         return parse_bool(record.options.get("readonly", "false"))
 
     def mountpoint(self, record: VolumeRecord) -> Path:
-        if self._readonly(record):
+        if self.always_bind or self._readonly(record):
             return self.mounts_dir / encode_name(record.name)
         return self.data_path(record)
 
@@ -160,9 +170,9 @@ class LocalBackend(Backend):
         try:
             target.mkdir(parents=True, exist_ok=True)
             if not mounts.is_mountpoint(target):
-                mounts.bind_mount(data, target, readonly=True)
+                mounts.bind_mount(data, target, readonly=self._readonly(record))
         except OSError as exc:
-            raise MountError(f"cannot make read-only bind of {data} at {target}: {exc}") from exc
+            raise MountError(f"cannot bind {data} at {target}: {exc}") from exc
         return target
 
     def unmount(self, record: VolumeRecord) -> None:
@@ -209,7 +219,7 @@ class LocalBackend(Backend):
         return {"data": str(self.data_path(record))}
 
     def recover(self, record: VolumeRecord, mounted: bool) -> None:
-        if not self._readonly(record):
+        if self.mountpoint(record) == self.data_path(record):
             return
         if mounted:
             self.mount(record)

@@ -262,3 +262,30 @@ def test_readonly_mount_is_restored_after_restart(
 
 def test_capabilities_scope_is_local(driver: VolumeDriver) -> None:
     assert driver.capabilities() == "local"
+
+
+@needs_root
+def test_mount_root_hands_docker_binds_under_it(tmp_path: Path) -> None:
+    """A managed plugin: every Mountpoint must lie under its PropagatedMount."""
+    from plugin.driver.state import StateStore
+    from plugin.wiring import build_backends
+
+    settings = Settings(root=tmp_path / "root", mount_root=tmp_path / "propagated")
+    settings.root.mkdir()
+    driver = VolumeDriver(StateStore(settings.state_path), build_backends(settings))
+    try:
+        driver.create("rw", None)
+        driver.create("ro", {"readonly": "true"})
+        rw = Path(driver.mount("rw", ID1))
+        ro = Path(driver.mount("ro", ID1))
+        assert rw.parent == ro.parent == settings.mount_root
+        assert driver.get("rw").mountpoint == str(rw)
+        (rw / "f").write_text("x")
+        assert (data_dir(settings, "rw") / "f").read_text() == "x"
+        with pytest.raises(OSError, match="Read-only file system"):
+            (ro / "f").write_text("x")
+        driver.unmount("rw", ID1)
+        driver.unmount("ro", ID1)
+        assert not mounts.is_mountpoint(rw) and not mounts.is_mountpoint(ro)
+    finally:
+        driver.close()
