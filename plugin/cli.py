@@ -1,4 +1,4 @@
-"""Command line: `stowage serve` runs the plugin daemon."""
+"""Command line: `stowage serve` runs the plugin daemon; `stowage cp` copies, without it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from plugin import __version__
 from plugin.settings import add_serve_arguments, settings_from_args
+from plugin.staging.cli import add_cp_parser, run_cp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dockerd discovers /run/docker/plugins/NAME.sock as driver NAME).",
     )
     add_serve_arguments(serve)
+    add_cp_parser(commands)
     return parser
 
 
@@ -37,4 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         except ServeError as exc:
             print(f"stowage: {exc}", file=sys.stderr)
             return 1
-    return 0
+        return 0
+    if args.command == "cp":
+        return run_cp(args)
+    raise AssertionError(f"unhandled command {args.command!r}")

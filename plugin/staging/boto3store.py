@@ -1,0 +1,183 @@
+"""ObjectStore on boto3: the correct, portable baseline (and the control plane for any faster
+byte path). botocore's own retries are off: the engine retries and resumes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import botocore.exceptions  # type: ignore[import-untyped,unused-ignore]
+
+from plugin.s3client import S3Settings, error_code, is_not_found, is_temp_failure, make_s3_client
+from plugin.staging.store import STREAM_BUFSIZE, ObjectInfo, PartInfo, Sink, UploadInfo
+
+log = logging.getLogger(__name__)
+
+
+def _ts(value: Any) -> float:
+    return value.timestamp() if isinstance(value, datetime) else 0.0
+
+
+def _meta(raw: Mapping[str, str] | None) -> dict[str, str]:
+    return {k.lower(): v for k, v in (raw or {}).items()}
+
+
+class Boto3Store:
+    """ObjectStore on a boto3 client (botocore's own retries off: the engine retries)."""
+
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        max_connections: int = 32,
+        client: Any = None,
+    ) -> None:
+        # The instance metadata service is never the right credential source for a copy tool
+        # pointed at an explicit endpoint, and probing it costs seconds off EC2.
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        self.endpoint = endpoint_url or "AWS S3"
+        self._client = client or make_s3_client(
+            S3Settings(
+                endpoint_url=endpoint_url,
+                region=region,
+                profile=profile,
+                max_attempts=1,
+                max_pool_connections=max_connections,
+            )
+        )
+
+    def head(self, bucket: str, key: str) -> ObjectInfo | None:
+        try:
+            r = self._client.head_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if is_not_found(exc):
+                return None
+            raise
+        return ObjectInfo(
+            key=key,
+            size=int(r["ContentLength"]),
+            etag=r.get("ETag", ""),
+            last_modified=_ts(r.get("LastModified")),
+            metadata=_meta(r.get("Metadata")),
+        )
+
+    def list_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(
+                    key=obj["Key"],
+                    size=int(obj["Size"]),
+                    etag=obj.get("ETag", ""),
+                    last_modified=_ts(obj.get("LastModified")),
+                )
+
+    def get(
+        self, bucket: str, key: str, sink: Sink, start: int = 0, length: int | None = None
+    ) -> ObjectInfo:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if start or length is not None:
+            end = "" if length is None else str(start + length - 1)
+            kwargs["Range"] = f"bytes={start}-{end}"
+        r = self._client.get_object(**kwargs)
+        body = r["Body"]
+        buf = bytearray(STREAM_BUFSIZE)
+        view = memoryview(buf)
+        offset = start
+        try:
+            while True:
+                n = body.readinto(buf)
+                if not n:
+                    break
+                sink(offset, view[:n])
+                offset += n
+        finally:
+            body.close()
+        expected = int(r.get("ContentLength", offset - start))
+        if offset - start != expected:
+            raise botocore.exceptions.IncompleteReadError(
+                actual_bytes=offset - start, expected_bytes=expected
+            )
+        size = expected
+        content_range = r.get("ContentRange")
+        if content_range and "/" in content_range:
+            total = content_range.rsplit("/", 1)[1]
+            if total.isdigit():
+                size = int(total)
+        return ObjectInfo(
+            key=key,
+            size=size,
+            etag=r.get("ETag", ""),
+            last_modified=_ts(r.get("LastModified")),
+            metadata=_meta(r.get("Metadata")),
+        )
+
+    def put(self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str]) -> str:
+        r = self._client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=dict(metadata))
+        return str(r.get("ETag", ""))
+
+    def create_multipart(self, bucket: str, key: str, metadata: Mapping[str, str]) -> str:
+        r = self._client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=dict(metadata))
+        return str(r["UploadId"])
+
+    def list_uploads(self, bucket: str, key: str) -> list[UploadInfo]:
+        try:
+            r = self._client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+        except botocore.exceptions.ClientError as exc:
+            # rclone's gofakes3 answers "no uploads under this prefix" with NoSuchUpload.
+            if error_code(exc) == "NoSuchUpload":
+                return []
+            raise
+        return [
+            UploadInfo(upload_id=u["UploadId"], initiated=_ts(u.get("Initiated")))
+            for u in r.get("Uploads", [])
+            if u.get("Key") == key
+        ]
+
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[int, PartInfo]:
+        parts: dict[int, PartInfo] = {}
+        paginator = self._client.get_paginator("list_parts")
+        for page in paginator.paginate(Bucket=bucket, Key=key, UploadId=upload_id):
+            for p in page.get("Parts", []):
+                n = int(p["PartNumber"])
+                parts[n] = PartInfo(number=n, size=int(p["Size"]), etag=p.get("ETag", ""))
+        return parts
+
+    def upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes) -> str:
+        r = self._client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return str(r["ETag"])
+
+    def complete_multipart(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str:
+        r = self._client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+        )
+        return str(r.get("ETag", ""))
+
+    def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
+        self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, botocore.exceptions.IncompleteReadError | ConnectionError):
+            return True
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return False
+        return is_temp_failure(exc) or isinstance(
+            exc, botocore.exceptions.HTTPClientError | botocore.exceptions.ConnectionError
+        )
+
+    def is_unreachable(self, exc: BaseException) -> bool:
+        return isinstance(
+            exc,
+            botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
+        )

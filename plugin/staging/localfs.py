@@ -1,0 +1,187 @@
+"""Local filesystem primitives: kernel-side copies and the tree walk.
+
+The copy ladder is the one portage and coreutils use: FICLONE (a reflink: instant, shares
+extents) where the filesystem has it, then copy_file_range (no user-space buffer), then sendfile,
+then plain pread/pwrite. Holes are kept by copying only the data extents (SEEK_DATA/SEEK_HOLE).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: linux/fs.h: _IOW(0x94, 9, int)
+FICLONE = 0x40049409
+
+#: Upper bound on one kernel copy call, so progress, bandwidth limit and cancel stay responsive.
+KERNEL_COPY_STEP = 8 * 1024 * 1024
+
+#: Files smaller than this skip the SEEK_DATA probe: sparse small files are rare, syscalls not.
+SPARSE_PROBE_MIN = 1024 * 1024
+
+#: Prefix of our temporary and journal files; the walk ignores them in a source tree.
+TEMP_PREFIX = ".stowage."
+
+_no_reflink_devs: set[int] = set()
+_no_copy_file_range = False
+
+#: Called after each kernel copy step with the number of bytes copied; may raise to stop.
+StepHook = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing to copy. *rel* is posix-style relative to the tree root ('' = the root)."""
+
+    rel: str
+    kind: str  # "file" | "dir" | "symlink"
+    size: int = 0
+    mtime_ns: int = 0
+    atime_ns: int = 0
+    mode: int = 0o644
+    uid: int = -1
+    gid: int = -1
+    target: str = ""  # symlink target
+    etag: str = ""  # S3 sources only
+
+
+def entry_from_stat(rel: str, path: str, st: os.stat_result) -> Entry | None:
+    if stat.S_ISREG(st.st_mode):
+        kind, size, target = "file", st.st_size, ""
+    elif stat.S_ISDIR(st.st_mode):
+        kind, size, target = "dir", 0, ""
+    elif stat.S_ISLNK(st.st_mode):
+        kind, target = "symlink", os.readlink(path)
+        size = len(os.fsencode(target))
+    else:
+        return None  # sockets, fifos, devices: not data
+    return Entry(
+        rel,
+        kind,
+        size=size,
+        mtime_ns=st.st_mtime_ns,
+        atime_ns=st.st_atime_ns,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        target=target,
+    )
+
+
+def walk(root: str, on_skip: Callable[[str, str], None]) -> Iterator[Entry]:
+    """Yield every entry under *root* (directories before their contents), not following
+    symlinks. Unreadable directories and special files are reported through *on_skip*."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        path_dir = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            with os.scandir(path_dir) as it:
+                children = list(it)
+        except OSError as exc:
+            on_skip(rel_dir or ".", f"cannot list directory: {exc.strerror}")
+            continue
+        for de in children:
+            if de.name.startswith(TEMP_PREFIX):
+                continue
+            rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
+            try:
+                st = de.stat(follow_symlinks=False)
+                entry = entry_from_stat(rel, de.path, st)
+            except OSError as exc:
+                on_skip(rel, f"cannot stat: {exc.strerror}")
+                continue
+            if entry is None:
+                on_skip(rel, "special file (socket, fifo or device) not copied")
+                continue
+            yield entry
+            if entry.kind == "dir":
+                stack.append(rel)
+
+
+def try_reflink(src_fd: int, dst_fd: int) -> bool:
+    """Clone the whole file if the filesystem supports it (btrfs, XFS reflink=1, bcachefs)."""
+    dev = os.fstat(dst_fd).st_dev
+    if dev in _no_reflink_devs:
+        return False
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS):
+            _no_reflink_devs.add(dev)
+            return False
+        raise
+    return True
+
+
+def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of data extents in [start, end); holes are skipped."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, end - pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
+def copy_range(
+    src_fd: int, dst_fd: int, offset: int, length: int, step: StepHook, sparse: bool = True
+) -> None:
+    """Copy [offset, offset+length) to the same offsets of *dst_fd*, keeping holes if *sparse*.
+
+    The destination must already have its final size (ftruncate), so holes read as zeros.
+    """
+    segments = (
+        data_segments(src_fd, offset, offset + length)
+        if sparse and length >= SPARSE_PROBE_MIN
+        else iter([(offset, length)])
+    )
+    for seg_off, seg_len in segments:
+        _copy_segment(src_fd, dst_fd, seg_off, seg_len, step)
+
+
+def _copy_segment(src_fd: int, dst_fd: int, offset: int, length: int, step: StepHook) -> None:
+    global _no_copy_file_range
+    pos, end = offset, offset + length
+    while pos < end:
+        want = min(KERNEL_COPY_STEP, end - pos)
+        n = 0
+        if not _no_copy_file_range:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, pos, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _no_copy_file_range = exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP)
+                n = _copy_fallback(src_fd, dst_fd, pos, want)
+        else:
+            n = _copy_fallback(src_fd, dst_fd, pos, want)
+        if n == 0:
+            raise OSError(errno.EIO, f"source shrank during copy (short read at {pos})")
+        pos += n
+        step(n)
+
+
+def _copy_fallback(src_fd: int, dst_fd: int, pos: int, want: int) -> int:
+    """pread/pwrite with a 256 KiB buffer (measured far faster than 1 MiB buffers)."""
+    data = os.pread(src_fd, min(want, 256 * 1024), pos)
+    if data:
+        os.pwrite(dst_fd, data, pos)
+    return len(data)

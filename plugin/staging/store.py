@@ -1,0 +1,98 @@
+"""The S3 access the copy core needs, behind a small interface so a faster client can replace
+boto3 for the byte path without touching the engine.
+
+The boto3 implementation lives in boto3store.py, imported only when S3 is involved.
+Every method makes exactly one attempt: retries (with backoff, and resuming a ranged GET
+where its stream broke) live in the engine, which knows how many bytes already landed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+#: Receives body bytes with their absolute offset in the object.
+Sink = Callable[[int, memoryview], None]
+
+#: Read size for streamed bodies: large enough to keep syscalls rare, small enough to stay in
+#: L2 (1 MiB Python buffers measured 3-4x slower than 64-256 KiB on this kind of machine).
+STREAM_BUFSIZE = 256 * 1024
+
+
+class NoCredentialsError(Exception):
+    """No credentials in the standard chain (environment, shared files, profile)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or use --profile with ~/.aws/credentials"
+        )
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str = ""
+    last_modified: float = 0.0
+    #: User metadata with lower-cased keys (servers differ in the case they return).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    number: int
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    upload_id: str
+    initiated: float
+
+
+class ObjectStore(Protocol):
+    """What the engine asks of an S3 endpoint. Implementations must be thread-safe."""
+
+    endpoint: str
+
+    def head(self, bucket: str, key: str) -> ObjectInfo | None: ...
+
+    def list_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    def get(
+        self, bucket: str, key: str, sink: Sink, start: int = 0, length: int | None = None
+    ) -> ObjectInfo:
+        """Stream [start, start+length) (or to the end) into *sink*; returns what GET said."""
+        ...
+
+    def put(self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str]) -> str: ...
+
+    def create_multipart(self, bucket: str, key: str, metadata: Mapping[str, str]) -> str: ...
+
+    def list_uploads(self, bucket: str, key: str) -> list[UploadInfo]: ...
+
+    def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[int, PartInfo]: ...
+
+    def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, data: bytes
+    ) -> str: ...
+
+    def complete_multipart(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str: ...
+
+    def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None: ...
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """True if the same request may succeed later."""
+        ...
+
+    def is_unreachable(self, exc: BaseException) -> bool:
+        """True if the endpoint itself cannot be reached (no point trying other files)."""
+        ...
