@@ -1,0 +1,441 @@
+"""stowage as a managed (v2) plugin in the private dockerd: built by scripts/build-plugin, then
+enabled, used, reconfigured, restarted and upgraded the way an operator would (protocol.md §2.2,
+§2.3, §4 C/D; pitfalls P5 and P8).
+
+The image build is the slow part, so it happens once per session (`managed` fixture); the
+debootstrap base tarball is cached across sessions by build-plugin itself. State lives in a
+host directory bound into the plugin (`state` mount), as in production, so upgrades keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import s3servers
+from harness.daemon import StowageDaemon
+from harness.dockerd import DockerCommandError, Dockerd, mounts_under, unmount_under, wait_until
+from harness.images import TestImages
+from harness.s3servers import S3Server
+
+from e2e.helpers import E2E, remove_everything
+
+pytestmark = pytest.mark.docker
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "scripts" / "build-plugin"
+COMPOSE_EXAMPLE = REPO / "examples" / "compose" / "compose.yaml"
+# Unique within the private dockerd, which is all a managed plugin's name must be.
+PLUGIN = "stowage-managed:latest"
+PROPAGATED_MOUNT = "/mnt/volumes"
+HOST_PLUGIN_SOCKETS = Path("/run/docker/plugins")  # dockerd's plugin exec root, fixed on Linux
+# No image registry here: build-plugin makes this base with debootstrap (cached tarball).
+BASE_IMAGE = os.environ.get("STOWAGE_E2E_PLUGIN_BASE", "stowage-base:bookworm")
+# First build ever: debootstrap (~2-3 min) + wheelhouse + image; later builds ~1.5 min.
+BUILD_TIMEOUT = 900.0
+S3_PROFILE = "e2e"
+
+
+@dataclass
+class Managed:
+    """The session's managed plugin; `plugin_id` changes when a test reinstalls it."""
+
+    dockerd: Dockerd
+    name: str
+    state_dir: Path
+    work: Path
+    plugin_id: str = ""
+    ids: tuple[str, ...] = ()  # every id it ever had, for teardown of host-side leftovers
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 60.0) -> Any:
+        return self.dockerd.docker(*args, check=check, timeout=timeout)
+
+    def inspect(self) -> dict[str, Any]:
+        result: list[dict[str, Any]] = self.dockerd.docker_json("plugin", "inspect", self.name)
+        return result[0]
+
+    def refresh_id(self) -> None:
+        self.plugin_id = self.inspect()["Id"]
+        self.ids = (*self.ids, self.plugin_id)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.inspect()["Enabled"])
+
+    @property
+    def socket(self) -> Path:
+        return HOST_PLUGIN_SOCKETS / self.plugin_id / "stowage.sock"
+
+    @property
+    def host_mount_base(self) -> Path:
+        """Where the PropagatedMount appears on the host, i.e. what containers bind."""
+        return self.dockerd.data_root / "plugins" / self.plugin_id
+
+    def build(self, timeout: float = BUILD_TIMEOUT) -> None:
+        """scripts/build-plugin against the private dockerd (DOCKER_HOST), as a user runs it."""
+        cmd = [
+            str(BUILD_SCRIPT), self.name, "--base-image", BASE_IMAGE,
+            "--state-dir", str(self.state_dir), "--out", str(self.plugin_dir),
+        ]  # fmt: skip
+        result = subprocess.run(
+            cmd,
+            env=self.dockerd.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        # Kept for a failed run: build-plugin prints each step with its elapsed time.
+        with (self.work / "build-plugin.log").open("a") as log_file:
+            log_file.write(result.stdout + result.stderr)
+        assert result.returncode == 0, (
+            f"build-plugin exited {result.returncode}\nstdout: {result.stdout[-3000:]}\n"
+            f"stderr: {result.stderr[-3000:]}"
+        )
+        self.refresh_id()
+
+    @property
+    def plugin_dir(self) -> Path:
+        """config.json + rootfs/ as build-plugin left them (`--out`), to create again."""
+        return self.work / "plugin"
+
+    def create_again(self) -> None:
+        """What an upgrade does after `rm`: create from a plugin dir, point it at the state.
+
+        STOWAGE_E2E_PLUGIN_REBUILD=1 runs the whole build-plugin again instead (~1.5 min).
+        """
+        if os.environ.get("STOWAGE_E2E_PLUGIN_REBUILD"):
+            self.build()
+            return
+        self.docker("plugin", "create", self.name, str(self.plugin_dir), timeout=300)
+        self.refresh_id()
+        self.set(f"state.source={self.state_dir}")
+
+    def enable(self) -> float:
+        """`docker plugin enable`; returns how long it took (dockerd waits for the socket)."""
+        start = time.monotonic()
+        self.docker("plugin", "enable", self.name, timeout=60)
+        return time.monotonic() - start
+
+    def ensure_enabled(self) -> None:
+        if not self.enabled:
+            self.enable()
+
+    def set(self, *settings: str) -> None:
+        """`docker plugin set` (only allowed while disabled)."""
+        self.docker("plugin", "set", self.name, *settings)
+
+    def remove(self) -> None:
+        """Force-disable and remove the plugin, then drop what it may leave on the host."""
+        self.docker("plugin", "disable", "-f", self.name, check=False)
+        self.docker("plugin", "rm", "-f", self.name, check=False)
+        self.cleanup_host()
+
+    def cleanup_host(self) -> None:
+        for plugin_id in self.ids:
+            unmount_under(self.dockerd.data_root / "plugins" / plugin_id)
+            if not self.dockerd.running or not self._known(plugin_id):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(HOST_PLUGIN_SOCKETS / plugin_id)
+
+    def _known(self, plugin_id: str) -> bool:
+        out = self.docker("plugin", "ls", "-q", "--no-trunc", check=False).stdout
+        return plugin_id in out.split()
+
+    def dockerd_log_lines(self) -> list[str]:
+        """dockerd's log lines carrying this plugin's stdout (tagged plugin=<id>)."""
+        tag = f"plugin={self.plugin_id}"
+        return [line for line in self.dockerd.log_text().splitlines() if tag in line]
+
+
+def socket_accepts(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def write_credentials(state_dir: Path) -> None:
+    """The plugin's S3 credentials: `credentials` in its state dir, one profile, mode 0600."""
+    path = state_dir / "credentials"
+    path.write_text(
+        f"[{S3_PROFILE}]\naws_access_key_id = {s3servers.ACCESS_KEY}\n"
+        f"aws_secret_access_key = {s3servers.SECRET_KEY}\n"
+    )
+    path.chmod(0o600)
+
+
+@pytest.fixture(scope="module")
+def managed(dockerd: Dockerd, images: TestImages, e2e_base: Path) -> Iterator[Managed]:
+    """Build, create and enable the plugin once for this module; remove it afterwards."""
+    if not BUILD_SCRIPT.is_file():
+        pytest.fail(f"{BUILD_SCRIPT} is missing")
+    plugin = Managed(dockerd, PLUGIN, e2e_base / "managed-state", e2e_base / "managed")
+    plugin.work.mkdir(exist_ok=True)
+    try:
+        plugin.build()
+        write_credentials(plugin.state_dir)
+        plugin.enable()
+        yield plugin
+    finally:
+        if dockerd.running:
+            remove_everything(dockerd, PLUGIN)
+            plugin.remove()
+        else:
+            plugin.cleanup_host()
+
+
+@pytest.fixture
+def mp(managed: Managed, dockerd: Dockerd, images: TestImages, allowed_dir: Path,
+       stowage: StowageDaemon) -> Iterator[E2E]:  # fmt: skip
+    """The usual E2E helpers, with the managed plugin as the driver; a clean slate after."""
+    if not dockerd.running:
+        dockerd.start()
+    managed.ensure_enabled()
+    yield E2E(dockerd, stowage, PLUGIN, images, allowed_dir)
+    if dockerd.running:
+        remove_everything(dockerd, PLUGIN)
+        managed.ensure_enabled()
+
+
+def assert_under_propagated_mount(e2e: E2E, volume: str) -> None:
+    """Every Mountpoint must lie under the PropagatedMount (P5): Docker resolves it there."""
+    mountpoint = e2e.inspect_volume(volume)["Mountpoint"]
+    assert mountpoint.startswith(PROPAGATED_MOUNT + "/"), mountpoint
+
+
+def write_then_read(e2e: E2E, volume: str, text: str) -> None:
+    """One container writes, a second one (a fresh mount) reads it back."""
+    e2e.run("--rm", "-v", f"{volume}:/data", e2e.image, "sh", "-c", f"echo {text} > /data/f")
+    out = e2e.run("--rm", "-v", f"{volume}:/data", e2e.image, "cat", "/data/f").stdout
+    assert out == f"{text}\n"
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+def test_enable_accepts_on_the_socket_within_seconds(managed: Managed, mp: E2E) -> None:
+    managed.docker("plugin", "disable", managed.name)
+    assert not socket_accepts(managed.socket)
+    took = managed.enable()
+    # dockerd dials at ~0.5 s, then every 3 s; binding before recovery makes the first dial.
+    assert took < 4.0, f"enable took {took:.1f}s: the socket was not up at the first dial"
+    assert socket_accepts(managed.socket)
+    info = managed.inspect()
+    assert info["Enabled"] is True
+    assert info["Config"]["Interface"]["Socket"] == "stowage.sock"
+    assert info["Config"]["PropagatedMount"] == PROPAGATED_MOUNT
+
+
+def test_local_volume_data_crosses_containers_under_the_propagated_mount(
+    managed: Managed, mp: E2E
+) -> None:
+    volume = mp.create_volume(mp.unique("loc"), uid="1000", mode="0750")
+    assert mp.volumes() == {volume: PLUGIN}
+    assert_under_propagated_mount(mp, volume)
+    write_then_read(mp, volume, "managed-local")
+    out = mp.run("--rm", "-v", f"{volume}:/data", mp.image, "stat", "-c", "%u %a", "/data")
+    assert out.stdout.split() == ["1000", "750"]
+
+    # While a container has it mounted, the plugin's mount shows on the host under the
+    # plugin's propagated mount, which is what dockerd binds into the container.
+    container = mp.run("-d", "-v", f"{volume}:/data", mp.image, "sleep", "300").stdout.strip()
+    host_mounts = mounts_under(managed.host_mount_base)
+    assert any(m.endswith(f"/{volume}") for m in host_mounts), host_mounts
+    mp.docker("rm", "-f", container)
+
+    # The data lives in the state directory on the host, which upgrades keep.
+    assert (managed.state_dir / "volumes" / volume / "data" / "f").read_text() == (
+        "managed-local\n"
+    )
+
+
+@pytest.mark.s3
+@pytest.mark.fuse
+def test_s3_volume_over_host_network_with_profile_from_state_dir(
+    managed: Managed, mp: E2E, s3_server: S3Server
+) -> None:
+    bucket = s3_server.new_bucket()
+    volume = mp.create_volume(
+        mp.unique("s3"),
+        backend="s3",
+        bucket=bucket,
+        prefix="app",
+        endpoint=s3_server.endpoint,  # 127.0.0.1: reachable because the plugin is host-network
+        profile=S3_PROFILE,
+        dir_markers="false",  # rclone serve s3 cannot store `dir/` objects
+    )
+    assert_under_propagated_mount(mp, volume)
+    write_then_read(mp, volume, "managed-s3")
+    body = s3_server.client().get_object(Bucket=bucket, Key="app/f")["Body"].read()
+    assert body == b"managed-s3\n"
+    assert mp.inspect_volume(volume)["Status"]["backend"] == "s3"
+
+
+def test_disable_refused_while_volumes_exist_then_allowed(managed: Managed, mp: E2E) -> None:
+    volume = mp.create_volume(mp.unique("use"))
+    result = managed.docker("plugin", "disable", managed.name, check=False)
+    assert result.returncode != 0
+    assert "in use" in result.stderr
+    assert managed.enabled
+    mp.docker("volume", "rm", volume)
+    managed.docker("plugin", "disable", managed.name)
+    assert not managed.enabled
+    managed.enable()
+
+
+def test_log_level_set_while_disabled_takes_effect(managed: Managed, mp: E2E) -> None:
+    def debug_lines() -> int:
+        return sum(" DEBUG " in line for line in managed.dockerd_log_lines())
+
+    volume = mp.create_volume(mp.unique("log"))
+    mp.inspect_volume(volume)  # a Get, logged at DEBUG only
+    before = debug_lines()
+    assert before == 0, "the default level is info"
+    mp.docker("volume", "rm", volume)
+    managed.docker("plugin", "disable", managed.name)
+    try:
+        with pytest.raises(DockerCommandError, match="cannot set on an active plugin"):
+            managed.enable()
+            managed.set("STOWAGE_LOG_LEVEL=debug")
+        managed.docker("plugin", "disable", managed.name)
+        managed.set("STOWAGE_LOG_LEVEL=debug")
+        managed.enable()
+        volume = mp.create_volume(mp.unique("log"))
+        mp.inspect_volume(volume)
+        wait_until(debug_lines, 10, interval=0.2, what="DEBUG lines of the plugin in dockerd's log")
+        assert any("request /VolumeDriver.Get" in line for line in managed.dockerd_log_lines())
+        mp.docker("volume", "rm", volume)
+    finally:
+        managed.docker("plugin", "disable", "-f", managed.name, check=False)
+        managed.set("STOWAGE_LOG_LEVEL=info")
+        managed.enable()
+    env = managed.inspect()["Settings"]["Env"]
+    assert "STOWAGE_LOG_LEVEL=info" in env
+
+
+def test_dockerd_restart_keeps_plugin_volumes_and_data(managed: Managed, mp: E2E) -> None:
+    volume = mp.create_volume(mp.unique("rst"), mode="0700")
+    write_then_read(mp, volume, "before-restart")
+    mp.dockerd.restart()
+    assert managed.enabled, "dockerd re-enables an enabled plugin at start"
+    assert socket_accepts(managed.socket)
+    assert mp.volumes() == {volume: PLUGIN}
+    info = mp.inspect_volume(volume)
+    assert info["Options"] == {"mode": "0700"}
+    assert info["Mountpoint"].startswith(PROPAGATED_MOUNT + "/")
+    out = mp.run("--rm", "-v", f"{volume}:/data", mp.image, "cat", "/data/f").stdout
+    assert out == "before-restart\n"
+
+
+@pytest.mark.s3
+@pytest.mark.fuse
+def test_upgrade_by_reinstall_keeps_volumes_options_and_data(
+    managed: Managed, mp: E2E, s3_server: S3Server
+) -> None:
+    """The documented upgrade: disable, rm, create the new build, point it at the same state
+    directory, enable. The new plugin has a new id and rootfs; Docker's volume records name the
+    driver, and stowage's state (options, data, S3 settings) is in the state directory."""
+    local = mp.create_volume(mp.unique("upg"), uid="1000", gid="1000", mode="0750")
+    write_then_read(mp, local, "before-upgrade")
+    bucket = s3_server.new_bucket()
+    s3_opts = {
+        "backend": "s3", "bucket": bucket, "prefix": "p", "endpoint": s3_server.endpoint,
+        "profile": S3_PROFILE, "dir_markers": "false",
+    }  # fmt: skip
+    remote = mp.create_volume(mp.unique("ups3"), **s3_opts)
+    write_then_read(mp, remote, "s3-before-upgrade")
+    old_id = managed.plugin_id
+
+    refused = managed.docker("plugin", "disable", managed.name, check=False)
+    assert "in use" in refused.stderr, "volumes exist: a plain disable is refused"
+    managed.docker("plugin", "disable", "-f", managed.name)
+    managed.docker("plugin", "rm", "-f", managed.name)
+    managed.cleanup_host()
+    managed.create_again()  # a new plugin on the same state directory
+    assert managed.plugin_id != old_id
+    managed.enable()
+
+    assert mp.volumes() == {local: PLUGIN, remote: PLUGIN}
+    assert mp.inspect_volume(local)["Status"]["options"] == {
+        "uid": "1000", "gid": "1000", "mode": "0750",
+    }  # fmt: skip
+    assert mp.inspect_volume(remote)["Status"]["options"]["bucket"] == bucket
+    for volume in (local, remote):
+        assert_under_propagated_mount(mp, volume)
+    out = mp.run("--rm", "-v", f"{local}:/data", mp.image, "sh", "-c",
+                 "cat /data/f; stat -c '%u %g %a' /data").stdout  # fmt: skip
+    assert out.splitlines() == ["before-upgrade", "1000 1000 750"]
+    out = mp.run("--rm", "-v", f"{remote}:/data", mp.image, "cat", "/data/f").stdout
+    assert out == "s3-before-upgrade\n"
+
+
+def test_compose_project_uses_the_managed_plugin_by_name(
+    managed: Managed, mp: E2E, tmp_path: Path
+) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not found: apt-get install docker-compose")
+    project = f"stwm{os.getpid()}"
+    # The full name with its tag: Docker records the driver as NAME:TAG, and Compose compares
+    # the configured driver with the recorded one on every `up`.
+    env = mp.dockerd.env({"STOWAGE_DRIVER": PLUGIN, "STOWAGE_EXAMPLE_IMAGE": mp.image})
+
+    def compose(*args: str) -> str:
+        cmd = [binary, "--ansi", "never", "-p", project, "-f", str(COMPOSE_EXAMPLE), *args]
+        result = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{cmd}: {result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def run_service(service: str) -> str:
+        compose("up", "-d", "--force-recreate", "--no-deps", service)
+        container = compose("ps", "-q", service).strip()
+        assert mp.docker("wait", container).stdout.strip() == "0"
+        return str(mp.docker("logs", container).stdout)
+
+    volume = f"{project}_store"
+    try:
+        run_service("writer")
+        assert mp.volumes() == {volume: PLUGIN}
+        assert_under_propagated_mount(mp, volume)
+        assert run_service("reader").splitlines() == ["compose-data", "1000 1000 750"]
+        compose("down")
+        assert volume in mp.volumes(), "`down` keeps the volume"
+        compose("down", "-v")
+        assert volume not in mp.volumes()
+        assert not (managed.state_dir / "volumes" / volume).exists()
+    finally:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            compose("down", "-v", "--remove-orphans")
+
+
+def test_plugin_config_is_valid_json_with_the_documented_settings() -> None:
+    """config.json: the fields operators rely on (no empty `args`: rclone's pitfall)."""
+    config = json.loads((REPO / "config.json").read_text())
+    assert config["interface"]["types"] == ["docker.volumedriver/1.0"]
+    assert config["propagatedMount"] == PROPAGATED_MOUNT
+    assert "--mount-root" in config["entrypoint"]
+    assert config["entrypoint"][config["entrypoint"].index("--mount-root") + 1] == (
+        PROPAGATED_MOUNT
+    )
+    assert "args" not in config
+    assert [m["name"] for m in config["mounts"]] == ["state"]
+    assert {e["name"] for e in config["env"]} >= {"STOWAGE_LOG_LEVEL"}
