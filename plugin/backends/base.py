@@ -17,6 +17,9 @@ class Backend(ABC):
 
     kind: ClassVar[str]
     option_specs: ClassVar[Mapping[str, OptionSpec]]
+    #: Options of a feature layered on the backend (local volumes: staging); Create accepts
+    #: both tables.
+    extra_option_specs: ClassVar[Mapping[str, OptionSpec]] = {}
 
     def __init__(self, root: Path) -> None:
         self.root = root

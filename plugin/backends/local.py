@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 from plugin.backends import mounts
 from plugin.backends.base import Backend
+from plugin.backends.staging import OPTION_SPECS as STAGING_OPTION_SPECS
+from plugin.backends.staging import Stager
 from plugin.errors import BackendError, InvalidOptionError, MountError
 from plugin.names import encode_name
 from plugin.options import OptionSpec, parse_bool, parse_id, parse_mode
@@ -53,6 +55,10 @@ class LocalBackend(Backend):
             OptionSpec("readonly", "true: containers get a read-only bind of the data", parse_bool),
         )
     }
+    #: Staging (stage_in, stage_out, ...) is a layer over managed local volumes: its own table.
+    extra_option_specs: ClassVar[Mapping[str, OptionSpec]] = {
+        spec.name: spec for spec in STAGING_OPTION_SPECS
+    }
 
     def __init__(
         self,
@@ -70,6 +76,7 @@ class LocalBackend(Backend):
         self.always_bind = mount_root is not None
         self.mounts_dir = mount_root if mount_root is not None else root / "mounts"
         self.trash_dir = root / "trash"
+        self.stager = Stager(root, self._resolve_allowed)
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -112,12 +119,16 @@ class LocalBackend(Backend):
             real = self._resolve_allowed(options["path"])
             if not real.is_dir():
                 raise InvalidOptionError(f"path {options['path']!r} is not an existing directory")
+        self.stager.validate(options)
 
     def canonical_options(self, options: Mapping[str, str]) -> dict[str, str]:
         """Store path= resolved, so a symlink swapped later cannot redirect the volume."""
         result = dict(options)
         if "path" in result:
             result["path"] = str(self._resolve_allowed(result["path"]))
+        stage_in = result.get("stage_in", "")
+        if stage_in.startswith("/"):
+            result["stage_in"] = str(self._resolve_allowed(stage_in))
         return result
 
     def create(self, record: VolumeRecord) -> None:
@@ -137,6 +148,8 @@ class LocalBackend(Backend):
             except OSError as exc:
                 raise BackendError(f"cannot create data directory {data}: {exc.strerror}") from exc
         self._apply_ownership(record, data)
+        if "path" not in record.options:
+            self.stager.created(record, data, self._volume_dir(record))
 
     def _apply_ownership(self, record: VolumeRecord, data: Path) -> None:
         opts = record.options
@@ -164,6 +177,11 @@ class LocalBackend(Backend):
                 f"data directory {data} of volume {record.name!r} is missing; was stowage's "
                 "root moved or cleaned? Remove and recreate the volume to start empty"
             )
+        staged = "path" not in record.options and self.stager.mount(
+            record, data, self._volume_dir(record)
+        )
+        if staged:
+            self._apply_ownership(record, data)  # the copy may have set the source's
         target = self.mountpoint(record)
         if target == data:
             return target
@@ -176,6 +194,10 @@ class LocalBackend(Backend):
         return target
 
     def unmount(self, record: VolumeRecord) -> None:
+        self._unbind(record)
+        self.stager.unmount(record)
+
+    def _unbind(self, record: VolumeRecord) -> None:
         target = self.mountpoint(record)
         if target == self.data_path(record):
             return
@@ -188,9 +210,11 @@ class LocalBackend(Backend):
             raise BackendError(f"cannot unmount {target}: {exc}") from exc
 
     def remove(self, record: VolumeRecord) -> None:
-        self.unmount(record)
         if "path" in record.options:
+            self._unbind(record)
             return  # the host directory belongs to the user
+        self.stager.remove(record, self.data_path(record), self._volume_dir(record))
+        self._unbind(record)
         volume_dir = self._volume_dir(record)
         if not volume_dir.exists():
             return
@@ -216,9 +240,16 @@ class LocalBackend(Backend):
             shutil.rmtree(path, onerror=onerror)
 
     def status(self, record: VolumeRecord) -> dict[str, Any]:
-        return {"data": str(self.data_path(record))}
+        status: dict[str, Any] = {"data": str(self.data_path(record))}
+        if "path" not in record.options:
+            status.update(
+                self.stager.status(record, self.data_path(record), self._volume_dir(record))
+            )
+        return status
 
     def recover(self, record: VolumeRecord, mounted: bool) -> None:
+        if "path" not in record.options:
+            self.stager.recover(record, self.data_path(record), self._volume_dir(record), mounted)
         if self.mountpoint(record) == self.data_path(record):
             return
         if mounted:
