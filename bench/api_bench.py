@@ -23,7 +23,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The shared test client speaks like dockerd (POST, no Content-Type, Go-style bodies).
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.daemon import socket_accepts  # noqa: E402
 from harness.plugin_client import PluginClient  # noqa: E402
 from report import replace_section  # noqa: E402
 from stowage_layers import LayerBlock, measure_layers  # noqa: E402
@@ -226,18 +226,6 @@ def plugin_specs(args: argparse.Namespace) -> dict[str, PluginSpec]:
 
 
 # --------------------------------------------------------------------------- process handling
-
-
-def socket_accepts(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(0.5)
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
 
 
 def mounts_under(root: Path) -> list[tuple[str, str]]:

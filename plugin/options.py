@@ -63,6 +63,20 @@ def parse_mode(value: str) -> int:
     return mode
 
 
+def check_url(value: str) -> str:
+    """An endpoint URL; anything else would only fail later, inside a mount."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("expected a URL starting with http:// or https://")
+    return value
+
+
+def check_text(value: str) -> str:
+    """Free text that ends up in arguments and logs: no NUL, no line breaks."""
+    if "\0" in value or "\n" in value:
+        raise ValueError("must not contain NUL or newline characters")
+    return value
+
+
 def split_backend(
     raw: Mapping[str, str] | None, known_backends: list[str]
 ) -> tuple[str, dict[str, str]]:

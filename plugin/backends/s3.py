@@ -21,7 +21,7 @@ from plugin.backends.base import Backend
 from plugin.backends.fuseproc import FuseProcess, FuseStartError
 from plugin.errors import BackendError, InvalidOptionError, MountError
 from plugin.names import encode_name
-from plugin.options import OptionSpec, parse_bool, parse_id, parse_mode
+from plugin.options import OptionSpec, check_text, check_url, parse_bool, parse_id, parse_mode
 from plugin.records import VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -57,21 +57,9 @@ def parse_seconds(value: str) -> float:
     return seconds
 
 
-def _check_endpoint(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError("expected a URL starting with http:// or https://")
-    return value
-
-
 def _check_bucket(value: str) -> str:
     if not 3 <= len(value) <= 63 or "/" in value or value != value.strip():
         raise ValueError("expected an S3 bucket name (3-63 characters, no '/')")
-    return value
-
-
-def _check_text(value: str) -> str:
-    if "\0" in value or "\n" in value:
-        raise ValueError("must not contain NUL or newline characters")
     return value
 
 
@@ -82,13 +70,11 @@ class S3Backend(Backend):
         for spec in (
             OptionSpec("bucket", "bucket name (required)", _check_bucket),
             OptionSpec(
-                "prefix", "key prefix the volume is rooted at (default: the bucket)", _check_text
+                "prefix", "key prefix the volume is rooted at (default: the bucket)", check_text
             ),
-            OptionSpec(
-                "endpoint", "S3 endpoint URL (default: AWS for the region)", _check_endpoint
-            ),
-            OptionSpec("region", "S3 region", _check_text),
-            OptionSpec("profile", "named profile from the daemon's credentials", _check_text),
+            OptionSpec("endpoint", "S3 endpoint URL (default: AWS for the region)", check_url),
+            OptionSpec("region", "S3 region", check_text),
+            OptionSpec("profile", "named profile from the daemon's credentials", check_text),
             OptionSpec("uid", "owner of files without s3fs metadata", parse_id),
             OptionSpec("gid", "group of files without s3fs metadata", parse_id),
             OptionSpec("umask", "umask for files without s3fs metadata, e.g. 0022", parse_mode),

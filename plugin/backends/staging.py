@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from plugin.errors import BackendError, InvalidOptionError, MountError
-from plugin.options import OptionSpec, parse_bool
+from plugin.options import OptionSpec, check_text, check_url, parse_bool
 from plugin.records import VolumeRecord
 from plugin.staging.engine import CopyOptions, S3Options, copy
 from plugin.staging.errors import SourceNotFoundError, StagingError
@@ -99,18 +99,6 @@ def parse_rate(value: str) -> int:
     return rate
 
 
-def _check_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError("expected a URL starting with http:// or https://")
-    return value
-
-
-def _check_text(value: str) -> str:
-    if "\0" in value or "\n" in value:
-        raise ValueError("must not contain NUL or newline characters")
-    return value
-
-
 OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "stage_in", "fill the volume from s3://bucket/prefix or a host path", _check_stage_in
@@ -143,9 +131,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
         "false: stage-out stores no `dir/` objects for empty directories (rclone serve s3)",
         parse_bool,
     ),
-    OptionSpec("endpoint", "S3 endpoint URL of stage_in/stage_out", _check_url),
-    OptionSpec("region", "S3 region of stage_in/stage_out", _check_text),
-    OptionSpec("profile", "named profile from the daemon's credentials", _check_text),
+    OptionSpec("endpoint", "S3 endpoint URL of stage_in/stage_out", check_url),
+    OptionSpec("region", "S3 region of stage_in/stage_out", check_text),
+    OptionSpec("profile", "named profile from the daemon's credentials", check_text),
 )
 S3_ONLY = ("endpoint", "region", "profile", "dir_markers")
 STAGE_IN_ONLY = ("stage_in_policy", "prefetch", "stage_timeout")

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from harness import s3servers
-from harness.daemon import StowageDaemon
+from harness.daemon import StowageDaemon, socket_accepts
 from harness.dockerd import DockerCommandError, Dockerd, mounts_under, unmount_under, wait_until
 from harness.images import TestImages
 from harness.s3servers import S3Server
@@ -158,18 +157,6 @@ class Managed:
         return [line for line in self.dockerd.log_text().splitlines() if tag in line]
 
 
-def socket_accepts(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(1.0)
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
 def write_credentials(state_dir: Path) -> None:
     """The plugin's S3 credentials: `credentials` in its state dir, one profile, mode 0600."""
     path = state_dir / "credentials"
@@ -231,11 +218,11 @@ def write_then_read(e2e: E2E, volume: str, text: str) -> None:
 
 def test_enable_accepts_on_the_socket_within_seconds(managed: Managed, mp: E2E) -> None:
     managed.docker("plugin", "disable", managed.name)
-    assert not socket_accepts(managed.socket)
+    assert not socket_accepts(managed.socket, timeout=1.0)
     took = managed.enable()
     # dockerd dials at ~0.5 s, then every 3 s; binding before recovery makes the first dial.
     assert took < 4.0, f"enable took {took:.1f}s: the socket was not up at the first dial"
-    assert socket_accepts(managed.socket)
+    assert socket_accepts(managed.socket, timeout=1.0)
     info = managed.inspect()
     assert info["Enabled"] is True
     assert info["Config"]["Interface"]["Socket"] == "stowage.sock"
@@ -334,7 +321,7 @@ def test_dockerd_restart_keeps_plugin_volumes_and_data(managed: Managed, mp: E2E
     write_then_read(mp, volume, "before-restart")
     mp.dockerd.restart()
     assert managed.enabled, "dockerd re-enables an enabled plugin at start"
-    assert socket_accepts(managed.socket)
+    assert socket_accepts(managed.socket, timeout=1.0)
     assert mp.volumes() == {volume: PLUGIN}
     info = mp.inspect_volume(volume)
     assert info["Options"] == {"mode": "0700"}

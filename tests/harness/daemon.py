@@ -24,10 +24,11 @@ def stowage_executable() -> list[str]:
     return [found] if found else [sys.executable, "-m", "plugin"]
 
 
-def socket_accepts(path: str) -> bool:
+def socket_accepts(path: str | Path, timeout: float = 0.5) -> bool:
+    """Whether something listens on the unix socket `path` (connect, then close)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(0.5)
+        sock.settimeout(timeout)
         sock.connect(path)
         return True
     except OSError:

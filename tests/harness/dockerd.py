@@ -23,13 +23,14 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from harness.daemon import socket_accepts
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +206,6 @@ def kill_and_wait(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
         time.sleep(0.05)
         alive = [p for p in alive if _alive(p)]
     return alive
-
-
-def _socket_accepts(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(0.5)
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -477,7 +466,7 @@ class Dockerd:
                 raise DockerdStartError(
                     f"containerd exited {proc.returncode}:\n{_tail(self.containerd_log_path)}"
                 )
-            return _socket_accepts(self.containerd_socket)
+            return socket_accepts(self.containerd_socket)
 
         try:
             wait_until(ready, timeout, what="containerd socket")
