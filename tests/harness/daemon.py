@@ -29,7 +29,7 @@ def socket_accepts(path: str | Path, timeout: float = 0.5) -> bool:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        sock.connect(path)
+        sock.connect(str(path))
         return True
     except OSError:
         return False
