@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from plugin import __version__
-from plugin.settings import add_serve_arguments, settings_from_args
+from plugin.settings import add_root_argument, add_serve_arguments, settings_from_args
 from plugin.staging.cli import add_cp_parser, run_cp
 
 
@@ -54,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_volume_parser(commands: Any) -> None:
     """`stowage volume backup|restore`: a volume's data through the copy core, no daemon."""
-    from plugin.settings import DEFAULT_ROOT, ENV_ROOT
 
     volume = commands.add_parser("volume", help="back up or restore a local volume's data")
     actions = volume.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -71,12 +68,7 @@ def add_volume_parser(commands: Any) -> None:
         )
         p.add_argument(first, metavar=first.upper())
         p.add_argument(second, metavar=second.upper())
-        p.add_argument(
-            "--root",
-            type=Path,
-            default=Path(os.environ.get(ENV_ROOT, str(DEFAULT_ROOT))),
-            help=f"the daemon's --root (env {ENV_ROOT}; default %(default)s)",
-        )
+        add_root_argument(p)
         p.add_argument("-j", "--jobs", type=int, default=8, help="parallel transfers")
         p.add_argument("--endpoint", help="S3 endpoint URL")
         p.add_argument("--region", help="S3 region")

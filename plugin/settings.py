@@ -13,6 +13,7 @@ from pathlib import Path
 
 from plugin import PLUGIN_NAME
 from plugin.logs import LEVELS
+from plugin.options import check_url
 
 DEFAULT_SOCKET = Path(f"/run/docker/plugins/{PLUGIN_NAME}.sock")
 DEFAULT_ROOT = Path("/var/lib/stowage")
@@ -22,6 +23,9 @@ ENV_ROOT = "STOWAGE_ROOT"
 ENV_LOG_LEVEL = "STOWAGE_LOG_LEVEL"
 ENV_ALLOWED_PATHS = "STOWAGE_ALLOWED_PATHS"
 ENV_MOUNT_ROOT = "STOWAGE_MOUNT_ROOT"
+ENV_CREDENTIALS_FILE = "STOWAGE_CREDENTIALS_FILE"
+ENV_S3_ENDPOINT = "STOWAGE_S3_ENDPOINT"
+ENV_S3_REGION = "STOWAGE_S3_REGION"
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,35 @@ class Settings:
     allowed_paths: tuple[Path, ...] = ()
     #: Where every Mountpoint handed to Docker lies; a managed plugin's PropagatedMount.
     mount_root: Path | None = None
+    #: AWS shared-credentials file with the profiles S3 volumes name; unset: <root>/credentials.
+    credentials_file: Path | None = None
+    #: `-o endpoint=` / `-o region=` for S3 volumes and S3 staging that do not give one.
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
 
     @property
     def state_path(self) -> Path:
         return self.root / "state.db"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.credentials_file or self.root / "credentials"
+
+    @property
+    def s3_defaults(self) -> dict[str, str]:
+        """Stored with each volume at Create, so changing a default later re-points none."""
+        pairs = (("endpoint", self.s3_endpoint), ("region", self.s3_region))
+        return {key: value for key, value in pairs if value}
+
+
+def add_root_argument(parser: argparse.ArgumentParser) -> None:
+    """--root, shared by `serve` and the offline `volume` commands, which must agree on it."""
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(os.environ.get(ENV_ROOT, str(DEFAULT_ROOT))),
+        help=f"directory for state and managed volume data (env {ENV_ROOT}; default %(default)s)",
+    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"unix socket to serve on; dockerd finds legacy plugins by the socket's name "
         f"under /run/docker/plugins (env {ENV_SOCKET}; default %(default)s)",
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path(env.get(ENV_ROOT, str(DEFAULT_ROOT))),
-        help=f"directory for state and managed volume data (env {ENV_ROOT}; default %(default)s)",
-    )
+    add_root_argument(parser)
     parser.add_argument(
         "--log-level",
         choices=LEVELS,
@@ -81,6 +105,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"PropagatedMount here (env {ENV_MOUNT_ROOT}; default: local volumes are their data "
         "directory, S3 mounts go under ROOT/mounts)",
     )
+    credentials_env = env.get(ENV_CREDENTIALS_FILE)
+    parser.add_argument(
+        "--credentials-file",
+        type=Path,
+        default=Path(credentials_env) if credentials_env else None,
+        metavar="FILE",
+        help=f"AWS shared-credentials file (mode 0600) holding the profiles that S3 volumes "
+        f"select with -o profile=NAME (env {ENV_CREDENTIALS_FILE}; default ROOT/credentials)",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        type=_endpoint,
+        default=_endpoint(env[ENV_S3_ENDPOINT]) if env.get(ENV_S3_ENDPOINT) else None,
+        metavar="URL",
+        help=f"S3 endpoint for volumes created without -o endpoint= (env {ENV_S3_ENDPOINT}; "
+        "default: AWS)",
+    )
+    parser.add_argument(
+        "--s3-region",
+        default=env.get(ENV_S3_REGION) or None,
+        metavar="REGION",
+        help=f"S3 region for volumes created without -o region= (env {ENV_S3_REGION}; "
+        "default: the AWS chain's)",
+    )
+
+
+def _endpoint(value: str) -> str:
+    try:
+        return check_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"S3 endpoint {value!r}: {exc}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -91,4 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         allowed_paths=tuple(p.absolute() for p in allowed),
         mount_root=args.mount_root.absolute() if args.mount_root else None,
+        credentials_file=args.credentials_file.absolute() if args.credentials_file else None,
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from plugin.backends import Backend, LocalBackend
+from plugin.backends.credentials import CredentialsFile
 from plugin.backends.s3 import S3Backend
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
@@ -10,9 +11,21 @@ from plugin.settings import Settings
 
 
 def build_backends(settings: Settings) -> dict[str, Backend]:
+    credentials = CredentialsFile(settings.credentials_path)
     backends: list[Backend] = [
-        LocalBackend(settings.root, settings.allowed_paths, settings.mount_root),
-        S3Backend(settings.root, settings.mount_root or settings.root / "mounts"),
+        LocalBackend(
+            settings.root,
+            settings.allowed_paths,
+            settings.mount_root,
+            credentials,
+            settings.s3_defaults,
+        ),
+        S3Backend(
+            settings.root,
+            settings.mount_root or settings.root / "mounts",
+            credentials,
+            settings.s3_defaults,
+        ),
     ]
     return {backend.kind: backend for backend in backends}
 

@@ -27,6 +27,11 @@ class Backend(ABC):
     def validate(self, name: str, options: Mapping[str, str]) -> None:
         """Checks beyond the option table (paths allowed, bucket reachable). Default: none."""
 
+    def with_defaults(self, options: Mapping[str, str]) -> dict[str, str]:
+        """The options with the daemon's defaults (e.g. --s3-endpoint) filled in where they
+        apply; stored with the volume. Default: unchanged."""
+        return dict(options)
+
     def canonical_options(self, options: Mapping[str, str]) -> dict[str, str]:
         """The options as they are stored, e.g. with host paths resolved. Default: unchanged."""
         return dict(options)

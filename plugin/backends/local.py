@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from plugin.backends import mounts
 from plugin.backends.base import Backend
+from plugin.backends.credentials import CredentialsFile
 from plugin.backends.staging import OPTION_SPECS as STAGING_OPTION_SPECS
 from plugin.backends.staging import Stager
 from plugin.errors import BackendError, InvalidOptionError, MountError
@@ -65,6 +66,8 @@ class LocalBackend(Backend):
         root: Path,
         allowed_paths: tuple[Path, ...] = (),
         mount_root: Path | None = None,
+        credentials: CredentialsFile | None = None,
+        s3_defaults: Mapping[str, str] | None = None,
     ) -> None:
         """`mount_root` set (a managed plugin's PropagatedMount): every volume is handed to
         Docker as a bind under it, since paths elsewhere are invisible to dockerd. Unset
@@ -76,7 +79,8 @@ class LocalBackend(Backend):
         self.always_bind = mount_root is not None
         self.mounts_dir = mount_root if mount_root is not None else root / "mounts"
         self.trash_dir = root / "trash"
-        self.stager = Stager(root, self._resolve_allowed)
+        self.stager = Stager(root, self._resolve_allowed, credentials)
+        self.s3_defaults = dict(s3_defaults or {})
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -120,6 +124,12 @@ class LocalBackend(Backend):
             if not real.is_dir():
                 raise InvalidOptionError(f"path {options['path']!r} is not an existing directory")
         self.stager.validate(options)
+
+    def with_defaults(self, options: Mapping[str, str]) -> dict[str, str]:
+        """S3 defaults for staged volumes whose stage_in or stage_out is on S3."""
+        if options.get("stage_in", "").startswith("s3://") or options.get("stage_out"):
+            return {**self.s3_defaults, **options}
+        return dict(options)
 
     def canonical_options(self, options: Mapping[str, str]) -> dict[str, str]:
         """Store path= resolved, so a symlink swapped later cannot redirect the volume."""

@@ -2,7 +2,7 @@
 
 Credentials never travel in volume options (`docker volume inspect` shows options to anyone):
 they come from the daemon's environment through the standard AWS chain, or from named profiles
-in `<root>/credentials` (AWS shared-credentials format, mode 0600) selected by `-o profile=`.
+in the daemon's credentials file (plugin.backends.credentials) selected by `-o profile=`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from plugin.backends.base import Backend
+from plugin.backends.credentials import CredentialsFile
 from plugin.backends.fuseproc import FuseProcess, FuseStartError
 from plugin.errors import BackendError, InvalidOptionError, MountError
 from plugin.names import encode_name
@@ -97,11 +97,18 @@ class S3Backend(Backend):
         )
     }
 
-    def __init__(self, root: Path, mounts_dir: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        mounts_dir: Path,
+        credentials: CredentialsFile | None = None,
+        defaults: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(root)
+        self.defaults = dict(defaults or {})
         self.state_root = root / "s3"
         self.mounts_dir = mounts_dir
-        self.credentials_file = root / "credentials"
+        self.credentials = credentials or CredentialsFile(root / "credentials")
 
     # -- paths and helpers -------------------------------------------------------------------
 
@@ -118,17 +125,10 @@ class S3Backend(Backend):
         return FuseProcess(self._state_dir(record), self.mountpoint(record))
 
     def _credentials(self) -> str | None:
-        """The profiles file under --root, if present; refused unless private (0600)."""
-        try:
-            st = self.credentials_file.stat()
-        except FileNotFoundError:
-            return None
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise BackendError(
-                f"credentials file {self.credentials_file} is readable by others; "
-                f"run: chmod 600 {self.credentials_file}"
-            )
-        return str(self.credentials_file)
+        return self.credentials.usable()
+
+    def with_defaults(self, options: Mapping[str, str]) -> dict[str, str]:
+        return {**self.defaults, **options}
 
     def canonical_options(self, options: Mapping[str, str]) -> dict[str, str]:
         result = dict(options)
@@ -166,12 +166,12 @@ class S3Backend(Backend):
         except botocore.exceptions.ProfileNotFound:
             raise InvalidOptionError(
                 f"profile {options.get('profile')!r} not found in the daemon's AWS config or in "
-                f"{self.credentials_file}"
+                f"{self.credentials}"
             ) from None
         except botocore.exceptions.NoCredentialsError:
             raise InvalidOptionError(
                 f"no S3 credentials for {where}: give the daemon AWS_ACCESS_KEY_ID/"
-                f"AWS_SECRET_ACCESS_KEY, or a profile in {self.credentials_file} and "
+                f"AWS_SECRET_ACCESS_KEY, or a profile in {self.credentials} and "
                 "-o profile=NAME"
             ) from None
         except (

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from plugin.backends.credentials import CredentialsFile
 from plugin.errors import BackendError, InvalidOptionError, MountError
 from plugin.options import OptionSpec, check_text, check_url, parse_bool
 from plugin.records import VolumeRecord
@@ -370,9 +371,14 @@ class _Volume:
 class Stager:
     """Runs and tracks the staging jobs of every staged local volume."""
 
-    def __init__(self, root: Path, allowed_check: Callable[[str], Path]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        allowed_check: Callable[[str], Path],
+        credentials: CredentialsFile | None = None,
+    ) -> None:
         self.root = root
-        self.credentials_file = root / "credentials"
+        self.credentials = credentials or CredentialsFile(root / "credentials")
         self._allowed_check = allowed_check
         self._lock = threading.Lock()
         self._volumes: dict[str, _Volume] = {}
@@ -396,7 +402,7 @@ class Stager:
         from plugin.backends.s3 import S3Backend
 
         bucket, _ = split_s3(url)
-        checker = S3Backend(self.root, self.root / "mounts")
+        checker = S3Backend(self.root, self.root / "mounts", self.credentials)
         opts = {"bucket": bucket}
         for key, value in (
             ("endpoint", config.endpoint),
@@ -615,7 +621,7 @@ class Stager:
                 empty = True  # no objects yet: e.g. the first run of a stage-in/out workflow
             else:
                 error = str(exc)
-        except (StagingError, InvalidOptionError) as exc:
+        except (StagingError, InvalidOptionError, BackendError) as exc:
             error = str(exc)
         except Exception as exc:
             log.exception("stage-in of %s crashed", vol.name)
@@ -689,7 +695,7 @@ class Stager:
                 result = self._copy(vol, str(vol.data) + "/", dst, job)
                 if result.ok and vol.config.mirror:
                     self._mirror(vol)
-            except StagingError as exc:
+            except (StagingError, BackendError) as exc:
                 error = str(exc)
             except Exception as exc:
                 log.exception("stage-out of %s crashed", vol.name)
@@ -772,12 +778,11 @@ class Stager:
     def _s3_settings(self, config: StagingConfig) -> Any:
         from plugin import s3client
 
-        creds = self.credentials_file if self.credentials_file.exists() else None
         return s3client.S3Settings(
             endpoint_url=config.endpoint,
             region=config.region,
             profile=config.profile,
-            credentials_file=str(creds) if creds else None,
+            credentials_file=self.credentials.usable(),
             max_attempts=1,
         )
 
@@ -798,8 +803,9 @@ class Stager:
             cancel=vol.cancel,
         )
         store = None
-        if config.profile and self.credentials_file.exists():
-            # Profiles from <root>/credentials: only the boto3 store takes a custom session.
+        if config.profile and self.credentials.usable():
+            # Profiles from the daemon's credentials file: only the boto3 store takes a custom
+            # session.
             from plugin import s3client
             from plugin.staging.boto3store import Boto3Store
 

@@ -102,6 +102,7 @@ class VolumeDriver:
         kind, options = split_backend(raw_options, list(self._backends))
         backend = self._backends[kind]
         check_options(kind, options, {**backend.option_specs, **backend.extra_option_specs})
+        options = backend.with_defaults(options)
         with self._volume_lock(name):
             existing = self._volumes.get(name)
             if existing is not None and existing.removing:

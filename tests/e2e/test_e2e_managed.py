@@ -52,6 +52,7 @@ class Managed:
     dockerd: Dockerd
     name: str
     state_dir: Path
+    credentials_dir: Path
     work: Path
     plugin_id: str = ""
     ids: tuple[str, ...] = ()  # every id it ever had, for teardown of host-side leftovers
@@ -84,7 +85,8 @@ class Managed:
         """scripts/build-plugin against the private dockerd (DOCKER_HOST), as a user runs it."""
         cmd = [
             str(BUILD_SCRIPT), self.name, "--base-image", BASE_IMAGE,
-            "--state-dir", str(self.state_dir), "--out", str(self.plugin_dir),
+            "--state-dir", str(self.state_dir), "--credentials-dir", str(self.credentials_dir),
+            "--out", str(self.plugin_dir),
         ]  # fmt: skip
         result = subprocess.run(
             cmd,
@@ -118,7 +120,7 @@ class Managed:
             return
         self.docker("plugin", "create", self.name, str(self.plugin_dir), timeout=300)
         self.refresh_id()
-        self.set(f"state.source={self.state_dir}")
+        self.set(f"state.source={self.state_dir}", f"credentials.source={self.credentials_dir}")
 
     def enable(self) -> float:
         """`docker plugin enable`; returns how long it took (dockerd waits for the socket)."""
@@ -157,9 +159,10 @@ class Managed:
         return [line for line in self.dockerd.log_text().splitlines() if tag in line]
 
 
-def write_credentials(state_dir: Path) -> None:
-    """The plugin's S3 credentials: `credentials` in its state dir, one profile, mode 0600."""
-    path = state_dir / "credentials"
+def write_credentials(credentials_dir: Path) -> None:
+    """The plugin's S3 credentials: `credentials` in the host directory bound as its
+    `credentials` mount, one profile, mode 0600."""
+    path = credentials_dir / "credentials"
     path.write_text(
         f"[{S3_PROFILE}]\naws_access_key_id = {s3servers.ACCESS_KEY}\n"
         f"aws_secret_access_key = {s3servers.SECRET_KEY}\n"
@@ -168,15 +171,25 @@ def write_credentials(state_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def managed(dockerd: Dockerd, images: TestImages, e2e_base: Path) -> Iterator[Managed]:
+def managed(
+    dockerd: Dockerd, images: TestImages, e2e_base: Path, s3_server: S3Server
+) -> Iterator[Managed]:
     """Build, create and enable the plugin once for this module; remove it afterwards."""
     if not BUILD_SCRIPT.is_file():
         pytest.fail(f"{BUILD_SCRIPT} is missing")
-    plugin = Managed(dockerd, PLUGIN, e2e_base / "managed-state", e2e_base / "managed")
+    plugin = Managed(
+        dockerd,
+        PLUGIN,
+        e2e_base / "managed-state",
+        e2e_base / "managed-credentials",
+        e2e_base / "managed",
+    )
     plugin.work.mkdir(exist_ok=True)
     try:
         plugin.build()
-        write_credentials(plugin.state_dir)
+        write_credentials(plugin.credentials_dir)
+        # The default for S3 volumes without -o endpoint= (a settable env, like the log level).
+        plugin.set(f"STOWAGE_S3_ENDPOINT={s3_server.endpoint}")
         plugin.enable()
         yield plugin
     finally:
@@ -254,9 +267,14 @@ def test_local_volume_data_crosses_containers_under_the_propagated_mount(
 
 @pytest.mark.s3
 @pytest.mark.fuse
-def test_s3_volume_over_host_network_with_profile_from_state_dir(
+def test_s3_volume_over_host_network_with_profile_from_credentials_mount(
     managed: Managed, mp: E2E, s3_server: S3Server
 ) -> None:
+    # Only the credentials mount holds keys (dockerd's test environment has none for S3).
+    assert not (managed.state_dir / "credentials").exists()
+    mounts = {m["Name"]: m for m in managed.inspect()["Settings"]["Mounts"]}
+    assert mounts["credentials"]["Source"] == str(managed.credentials_dir)
+    assert "ro" in mounts["credentials"]["Options"]
     bucket = s3_server.new_bucket()
     volume = mp.create_volume(
         mp.unique("s3"),
@@ -272,6 +290,28 @@ def test_s3_volume_over_host_network_with_profile_from_state_dir(
     body = s3_server.client().get_object(Bucket=bucket, Key="app/f")["Body"].read()
     assert body == b"managed-s3\n"
     assert mp.inspect_volume(volume)["Status"]["backend"] == "s3"
+    # No -o endpoint=: the plugin's STOWAGE_S3_ENDPOINT setting, recorded with the volume.
+    same_data = mp.create_volume(
+        mp.unique("s3-default"),
+        backend="s3",
+        bucket=bucket,
+        prefix="app",
+        profile=S3_PROFILE,
+        dir_markers="false",
+    )
+    options = mp.inspect_volume(same_data)["Status"]["options"]
+    assert options["endpoint"] == s3_server.endpoint
+    out = mp.run("--rm", "-v", f"{same_data}:/data", mp.image, "cat", "/data/f").stdout
+    assert out == "managed-s3\n"
+    # A profile missing from the file: the error names the file as the plugin sees it.
+    with pytest.raises(DockerCommandError, match="/etc/stowage/credentials"):
+        mp.create_volume(
+            mp.unique("s3-noprofile"),
+            backend="s3",
+            bucket=bucket,
+            endpoint=s3_server.endpoint,
+            profile="not-there",
+        )
 
 
 def test_disable_refused_while_volumes_exist_then_allowed(managed: Managed, mp: E2E) -> None:
@@ -424,5 +464,11 @@ def test_plugin_config_is_valid_json_with_the_documented_settings() -> None:
         PROPAGATED_MOUNT
     )
     assert "args" not in config
-    assert [m["name"] for m in config["mounts"]] == ["state"]
-    assert {e["name"] for e in config["env"]} >= {"STOWAGE_LOG_LEVEL"}
+    mounts = {m["name"]: m for m in config["mounts"]}
+    assert list(mounts) == ["state", "credentials"]
+    assert all(m["settable"] == ["source"] for m in mounts.values())
+    assert "ro" in mounts["credentials"]["options"]
+    env = {e["name"]: e for e in config["env"]}
+    assert set(env) >= {"STOWAGE_LOG_LEVEL", "STOWAGE_CREDENTIALS_FILE"}
+    credentials_file = Path(env["STOWAGE_CREDENTIALS_FILE"]["value"])
+    assert credentials_file.parent == Path(mounts["credentials"]["destination"])

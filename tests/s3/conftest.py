@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import s3servers
@@ -39,9 +40,9 @@ def make_driver(root: Path, aws_credentials: None) -> Iterator[DriverFactory]:
     if not Path("/dev/fuse").exists():
         pytest.skip("/dev/fuse is missing")
     made: list[VolumeDriver] = []
-    settings = Settings(root=root)
 
-    def make() -> VolumeDriver:
+    def make(**overrides: Any) -> VolumeDriver:
+        settings = Settings(root=root, **overrides)
         root.mkdir(parents=True, exist_ok=True)
         driver = VolumeDriver(StateStore(settings.state_path), build_backends(settings))
         made.append(driver)

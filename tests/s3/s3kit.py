@@ -8,7 +8,8 @@ from harness.s3servers import S3Server
 
 from plugin.driver import VolumeDriver
 
-DriverFactory = Callable[[], VolumeDriver]
+#: make_driver(**settings): a driver on the test's root, wired as `stowage serve` wires it.
+DriverFactory = Callable[..., VolumeDriver]
 
 
 def s3_options(server: S3Server, bucket: str, **extra: str) -> dict[str, str]:

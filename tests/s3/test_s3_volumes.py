@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -191,3 +192,61 @@ def test_profiles_come_from_a_private_file_under_root(
     assert rclone_server.client().head_object(Bucket=bucket, Key="f")["ContentLength"] == 11
     cmdline = " ".join(driver.get("v").status)  # nothing secret in Status either
     assert s3servers.SECRET_KEY not in cmdline
+
+
+def test_credentials_file_outside_root_as_a_managed_plugin_mounts_it(
+    make_driver: DriverFactory,
+    rclone_server: S3Server,
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--credentials-file (the managed plugin's read-only `credentials` mount): profiles come
+    from there, for Create's check and for the FUSE process; <root>/credentials is not read."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    bucket = rclone_server.new_bucket()
+    credentials = tmp_path / "etc" / "credentials"
+    credentials.parent.mkdir()
+    credentials.write_text(
+        "[tenant]\n"
+        f"aws_access_key_id = {s3servers.ACCESS_KEY}\n"
+        f"aws_secret_access_key = {s3servers.SECRET_KEY}\n"
+    )
+    credentials.chmod(0o600)
+    root.mkdir(parents=True)
+    (root / "credentials").write_text("[other]\naws_access_key_id = x\naws_secret_access_key = y\n")
+    (root / "credentials").chmod(0o600)
+    driver = make_driver(credentials_file=credentials)
+    with pytest.raises(InvalidOptionError, match=f"'other' not found .*{credentials}"):
+        driver.create("w", s3_options(rclone_server, bucket, profile="other"))
+    driver.create("v", s3_options(rclone_server, bucket, profile="tenant"))
+    mountpoint = Path(driver.mount("v", ID1))
+    (mountpoint / "f").write_text("via mounted file")
+    driver.unmount("v", ID1)
+    assert rclone_server.client().head_object(Bucket=bucket, Key="f")["ContentLength"] == 16
+
+
+def test_daemon_default_endpoint_is_stored_with_the_volume(
+    make_driver: DriverFactory, rclone_server: S3Server, root: Path
+) -> None:
+    """--s3-endpoint (STOWAGE_S3_ENDPOINT, settable on the managed plugin) fills in a missing
+    -o endpoint= at Create; the volume keeps it, and an explicit option wins."""
+    bucket = rclone_server.new_bucket()
+    driver = make_driver(s3_endpoint=rclone_server.endpoint)
+    options = s3_options(rclone_server, bucket)
+    del options["endpoint"]
+    driver.create("v", options)
+    assert driver.get("v").status["options"]["endpoint"] == rclone_server.endpoint
+    driver.create("v", options)  # Docker's repeated Create: same options, no conflict
+    mountpoint = Path(driver.mount("v", ID1))
+    (mountpoint / "f").write_text("default endpoint")
+    driver.unmount("v", ID1)
+    assert rclone_server.client().head_object(Bucket=bucket, Key="f")["ContentLength"] == 16
+    dead = "http://127.0.0.1:9"
+    with pytest.raises(InvalidOptionError, match=re.escape(f"cannot reach S3 endpoint {dead}")):
+        driver.create("w", {**options, "endpoint": dead})
+    driver.close()
+    # A later default does not re-point the existing volume.
+    other = make_driver(s3_endpoint=dead)
+    assert other.get("v").status["options"]["endpoint"] == rclone_server.endpoint
