@@ -25,6 +25,7 @@ from harness import s3servers
 from harness.daemon import StowageDaemon, socket_accepts
 from harness.dockerd import DockerCommandError, Dockerd, mounts_under, unmount_under, wait_until
 from harness.images import TestImages
+from harness.registry import Registry
 from harness.s3servers import S3Server
 
 from e2e.helpers import E2E, remove_everything
@@ -472,3 +473,106 @@ def test_plugin_config_is_valid_json_with_the_documented_settings() -> None:
     assert set(env) >= {"STOWAGE_LOG_LEVEL", "STOWAGE_CREDENTIALS_FILE"}
     credentials_file = Path(env["STOWAGE_CREDENTIALS_FILE"]["value"])
     assert credentials_file.parent == Path(mounts["credentials"]["destination"])
+
+
+@pytest.fixture
+def registry(e2e_base: Path) -> Iterator[Registry]:
+    if not Registry.available():
+        pytest.skip("docker-registry is not installed (scripts/setup --test installs it)")
+    server = Registry(e2e_base / "registry")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.s3
+@pytest.mark.fuse
+def test_install_and_upgrade_from_a_registry_keep_volumes_and_data(
+    managed: Managed, mp: E2E, registry: Registry, s3_server: S3Server, e2e_base: Path
+) -> None:
+    """The registry path: push two versions, `docker plugin install` the first with both
+    mounts set, use it, then `docker plugin upgrade` in place: same plugin id and settings,
+    new version running, every volume, option and byte still there."""
+    repo = f"{registry.address}/stowage-e2e"
+    config_path = managed.plugin_dir / "config.json"
+    original = config_path.read_text()
+    # dockerd refuses to create a plugin whose rootfs blob it already holds ("content ...
+    # already exists"), so each version gets a marker file that makes its rootfs its own.
+    marker = managed.plugin_dir / "rootfs" / "etc" / "stowage-e2e-build"
+    try:
+        for tag in ("1", "2"):
+            config = json.loads(original)
+            config["description"] += f" (e2e build {tag})"
+            config_path.write_text(json.dumps(config))
+            marker.write_text(f"{tag}\n")
+            plugin_ref = f"{repo}:{tag}"
+            managed.docker("plugin", "create", plugin_ref, str(managed.plugin_dir), timeout=300)
+            managed.docker("plugin", "push", plugin_ref, timeout=300)
+            managed.docker("plugin", "rm", plugin_ref)
+    finally:
+        config_path.write_text(original)
+        marker.unlink(missing_ok=True)
+
+    alias = "stowage-registry:latest"
+    state = e2e_base / "registry-state"
+    state.mkdir(mode=0o700)
+    reg = E2E(mp.dockerd, mp.stowage, alias, mp.images, mp.allowed)
+    settings = (
+        f"state.source={state}",
+        f"credentials.source={managed.credentials_dir}",
+        f"STOWAGE_S3_ENDPOINT={s3_server.endpoint}",
+    )
+    plugin_ids: list[str] = []
+    try:
+        managed.docker(
+            "plugin", "install", "--grant-all-permissions", "--alias", alias, f"{repo}:1",
+            *settings, timeout=300,
+        )  # fmt: skip
+        before = mp.dockerd.docker_json("plugin", "inspect", alias)[0]
+        plugin_ids.append(before["Id"])
+        assert before["Enabled"], "install enables the plugin"
+        assert before["PluginReference"] == f"{repo}:1"
+        local = reg.create_volume(reg.unique("reg"), mode="0750")
+        write_then_read(reg, local, "from-v1")
+        bucket = s3_server.new_bucket()
+        remote = reg.create_volume(
+            reg.unique("regs3"), backend="s3", bucket=bucket, profile=S3_PROFILE,
+            dir_markers="false",
+        )  # fmt: skip
+        write_then_read(reg, remote, "s3-from-v1")
+        assert (state / "volumes" / local / "data" / "f").read_text() == "from-v1\n"
+
+        managed.docker("plugin", "disable", "-f", alias)
+        # --skip-remote-check: the new version comes from another tag than the installed one
+        # (otherwise the CLI asks "Plugin images do not match, are you sure?").
+        upgraded = managed.docker(
+            "plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", alias,
+            f"{repo}:2", timeout=300,
+        )  # fmt: skip
+        assert f"Upgraded plugin {alias} to {repo}:2" in upgraded.stdout, upgraded.stdout
+        # dockerd resets a plugin's settings to the new config's defaults on upgrade, so the
+        # documented procedure sets them again before enable.
+        managed.docker("plugin", "set", alias, *settings)
+        managed.docker("plugin", "enable", alias, timeout=60)
+
+        after = mp.dockerd.docker_json("plugin", "inspect", alias)[0]
+        assert after["Id"] == before["Id"], "upgrade keeps the plugin"
+        assert after["PluginReference"] == f"{repo}:2"
+        assert after["Config"]["Description"].endswith("(e2e build 2)")
+        assert {m["Name"]: m["Source"] for m in after["Settings"]["Mounts"]} == {
+            "state": str(state), "credentials": str(managed.credentials_dir),
+        }  # fmt: skip
+        assert f"STOWAGE_S3_ENDPOINT={s3_server.endpoint}" in after["Settings"]["Env"]
+        assert reg.volumes() == {local: alias, remote: alias}
+        assert reg.inspect_volume(local)["Status"]["options"] == {"mode": "0750"}
+        for volume, text in ((local, "from-v1"), (remote, "s3-from-v1")):
+            out = reg.run("--rm", "-v", f"{volume}:/data", reg.image, "cat", "/data/f").stdout
+            assert out == f"{text}\n"
+    finally:
+        remove_everything(mp.dockerd, alias)
+        managed.docker("plugin", "disable", "-f", alias, check=False)
+        managed.docker("plugin", "rm", "-f", alias, check=False)
+        for plugin_id in plugin_ids:
+            unmount_under(mp.dockerd.data_root / "plugins" / plugin_id)
