@@ -734,8 +734,8 @@ class _Copier:
             return st.st_mtime_ns == e.mtime_ns
         # From S3: a small object's ETag is its MD5 (cheap to check locally); a large one's
         # mtime metadata was copied to the file by the previous run.
-        etag = _clean_etag(e.etag)
-        if e.size <= self.opts.chunk_size and _MD5_RE.match(etag) and "-" not in etag:
+        etag = _plain_md5(e.etag)
+        if e.size <= self.opts.chunk_size and etag is not None:
             return _md5_file(t.dst) == etag
         assert isinstance(self.src, S3Location) and self.store is not None
         store, bucket = self.store, self.src.bucket
@@ -848,8 +848,8 @@ class _Copier:
         info = self._retry(f"GET {t.src}", lambda: store.get(bucket, t.src, sink))
         if len(buf) != info.size:
             raise VerificationError(f"got {len(buf)} bytes of {info.size}; not renamed")
-        etag = _clean_etag(info.etag)
-        if self.opts.verify and _MD5_RE.match(etag) and "-" not in etag:
+        etag = _plain_md5(info.etag)
+        if self.opts.verify and etag is not None:
             got = hashlib.md5(buf).hexdigest()
             if got != etag:
                 raise VerificationError(f"MD5 {got} does not match ETag {etag}; not renamed")
@@ -1023,8 +1023,8 @@ class _Copier:
         info = self._dst_index.get(t.dst)
         if info is None or info.size != t.entry.size:
             return False
-        etag = _clean_etag(info.etag)
-        if data is not None and _MD5_RE.match(etag) and "-" not in etag:
+        etag = _plain_md5(info.etag)
+        if data is not None and etag is not None:
             return hashlib.md5(data).hexdigest() == etag
         assert isinstance(self.dst, S3Location) and self.store is not None
         store, bucket = self.store, self.dst.bucket
@@ -1040,8 +1040,8 @@ class _Copier:
         if self._bucket is not None:
             self._bucket.take(len(data), self.cancel)
         etag = self._retry(f"PUT {t.dst}", lambda: store.put(bucket, t.dst, data, meta))
-        got = _clean_etag(etag)
-        if self.opts.verify and _MD5_RE.match(got) and "-" not in got:
+        got = _plain_md5(etag)
+        if self.opts.verify and got is not None:
             want = hashlib.md5(data).hexdigest()
             if got != want:
                 raise VerificationError(
@@ -1187,25 +1187,13 @@ class _ChunkedFile:
         self._lock = threading.Lock()
 
     def chunk_task(self, index: int) -> Callable[[], None]:
-        return lambda: self._run_chunk(index)
+        return lambda: _run_piece(self, self._chunk, index)
 
-    def _run_chunk(self, index: int) -> None:
-        try:
-            if self.error is None:
-                self.c._check_stop()
-                self._copy_chunk(index)
-                self.journal.record(index)
-                if self.hasher is not None:
-                    self.hasher.mark(index)
-        except BaseException as exc:
-            with self._lock:
-                if self.error is None:
-                    self.error = exc
-        with self._lock:
-            self.remaining -= 1
-            last = self.remaining == 0
-        if last:
-            self.finish()
+    def _chunk(self, index: int) -> None:
+        self._copy_chunk(index)
+        self.journal.record(index)
+        if self.hasher is not None:
+            self.hasher.mark(index)
 
     def _copy_chunk(self, index: int) -> None:
         chunk = self.c.opts.chunk_size
@@ -1318,22 +1306,7 @@ class _MultipartUpload:
         self._lock = threading.Lock()
 
     def part_task(self, number: int) -> Callable[[], None]:
-        return lambda: self._run_part(number)
-
-    def _run_part(self, number: int) -> None:
-        try:
-            if self.error is None:
-                self.c._check_stop()
-                self._upload_part(number)
-        except BaseException as exc:
-            with self._lock:
-                if self.error is None:
-                    self.error = exc
-        with self._lock:
-            self.remaining -= 1
-            last = self.remaining == 0
-        if last:
-            self.finish()
+        return lambda: _run_piece(self, self._upload_part, number)
 
     def _upload_part(self, number: int) -> None:
         c, t = self.c, self.t
@@ -1405,6 +1378,30 @@ class _MultipartUpload:
             if self.fd in c._open_fds:
                 c._open_fds.discard(self.fd)
                 os.close(self.fd)
+
+
+def _run_piece(job: _ChunkedFile | _MultipartUpload, fn: Callable[[int], None], n: int) -> None:
+    """Run one chunk/part of a split file: the first error wins and later pieces are skipped;
+    whichever piece finishes last (failed or not) calls the job's finish()."""
+    try:
+        if job.error is None:
+            job.c._check_stop()
+            fn(n)
+    except BaseException as exc:
+        with job._lock:
+            if job.error is None:
+                job.error = exc
+    with job._lock:
+        job.remaining -= 1
+        last = job.remaining == 0
+    if last:
+        job.finish()
+
+
+def _plain_md5(etag: str) -> str | None:
+    """The cleaned ETag if it is a plain MD5 of the body (not multipart, not opaque)."""
+    clean = _clean_etag(etag)
+    return clean if _MD5_RE.match(clean) and "-" not in clean else None
 
 
 def _initiated(u: UploadInfo) -> float:
