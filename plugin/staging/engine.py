@@ -261,7 +261,8 @@ class _Hasher:
 
     Reads go through a read-only mmap of the part file: hashlib gets whole chunks straight from
     the page cache (no copy, and the GIL is released once per chunk instead of once per small
-    read, which mattered with 8 workers and CRT's threads contending for it).
+    read, which mattered with 8 workers and CRT's threads contending for it). Hashed ranges are
+    unmapped again at once (MADV_DONTNEED), so RSS stays at about a chunk.
     - plain MD5 ETag: one thread hashes the contiguous finished prefix in order (MD5 is
       sequential), overlapped with the chunks still downloading;
     - multipart ETag (`md5-of-part-md5s-N`): parts are independent, so the worker that
@@ -311,7 +312,9 @@ class _Hasher:
                 ready = self._parts_left[p] == 0 and not self._stopped
             if ready:
                 start = p * self._part_size
-                digest = hashlib.md5(self._view[start : start + self._part_size]).digest()
+                end = min(start + self._part_size, self._size)
+                digest = hashlib.md5(self._view[start:end]).digest()
+                self._unmap(start, end)
                 with self._cond:
                     self._parts[p] = digest
 
@@ -331,6 +334,16 @@ class _Hasher:
         self._close()
         return self._result
 
+    def _unmap(self, start: int, end: int) -> None:
+        """Drop the hashed range from our page tables (the page cache keeps the data): mapped
+        file pages count as the process's RSS, and a 1 GiB file would otherwise show 1 GiB."""
+        page = mmap.PAGESIZE
+        lo = -(-start // page) * page
+        hi = end if end == self._size else end // page * page
+        if self._mm is not None and hi > lo:
+            with contextlib.suppress(OSError, ValueError):
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def _close(self) -> None:
         with self._cond:
             self._view.release()
@@ -346,7 +359,9 @@ class _Hasher:
                     self._cond.wait()
                 if self._stopped:
                     return
-            whole.update(self._view[i * self._chunk : min((i + 1) * self._chunk, self._size)])
+            start, end = i * self._chunk, min((i + 1) * self._chunk, self._size)
+            whole.update(self._view[start:end])
+            self._unmap(start, end)
         self._result = whole.hexdigest()
 
 

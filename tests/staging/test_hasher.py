@@ -89,3 +89,32 @@ def test_stop_before_all_chunks_land(tmp_path: Path) -> None:
             h.stop()
     finally:
         os.close(fd)
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("part", [None, 3 * 1024 * KiB])
+def test_hashed_ranges_do_not_stay_mapped(tmp_path: Path, part: int | None) -> None:
+    """Mapped file pages count as RSS: a 64 MiB file must not add 64 MiB while hashing."""
+    size, chunk = 64 * 1024 * KiB, 1024 * KiB
+    path = tmp_path / "big"
+    with open(path, "wb") as fh:
+        fh.write(random.Random(3).randbytes(size))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = _rss_file_kib()
+        h = _Hasher(fd, size, chunk, part)
+        for i in range(size // chunk):
+            h.mark(i)
+        if h._thread is not None:
+            h._thread.join()
+        grown = _rss_file_kib() - before
+        assert h.result() is not None
+        assert grown < 16 * 1024, f"RssFile grew by {grown} KiB"
+    finally:
+        os.close(fd)
