@@ -78,16 +78,18 @@ VERIFIES = {
     ),
     "stowage --no-verify": "size only (diagnostic: what verification costs)",
     "s5cmd": (
-        "nothing on download (no checksum of the bytes; v2.3 has no verify option); "
-        "uploads: none beyond the SDK's HTTP status"
+        "downloads: nothing but the byte count (no checksum; open request peak/s5cmd#398, "
+        "#829); uploads: sends Content-MD5 for the server to check (README, integrity "
+        "verification; peak/s5cmd#563)"
     ),
     "rclone": (
         "MD5 of the transferred file against the other side's MD5 (ETag, or x-amz-meta-md5chksum "
         "for multipart) in both directions, plus size"
     ),
     "aws": (
-        "aws-cli v1 / botocore: uploads send a CRC32 checksum the server may ignore; downloads "
-        "validate only x-amz-checksum-* headers, which `rclone serve s3` does not return: size"
+        "aws-cli v1 / botocore: uploads send a CRC32 checksum for the server to check; "
+        "downloads validate only x-amz-checksum-* headers, which `rclone serve s3` does not "
+        "return, so size only here (see also aws/aws-cli#6710)"
     ),
     "cp -a": "nothing",
     "rsync -a": "whole-file checksum of every transferred file, computed on both ends",
