@@ -480,7 +480,7 @@ def machine_facts(start_load: str, aws: str | None) -> dict[str, str]:
         rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
         commit = rev.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
-    fs = first_line(["stat", "-f", "-c", "%T", tempfile.gettempdir()])
+    fs = first_line(["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "-T", tempfile.gettempdir()])
     return {
         "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "nproc": str(os.cpu_count()),
