@@ -71,6 +71,11 @@ def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="copy even files that look unchanged")
     p.add_argument("--fsync", action="store_true", help="sync the destination at the end")
     p.add_argument(
+        "--no-dir-markers",
+        action="store_true",
+        help="do not store empty directories as `dir/` objects (servers without them)",
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -143,6 +148,7 @@ def run_cp(args: argparse.Namespace) -> int:
         bwlimit=args.bwlimit,
         retries=max(0, args.retries),
         verify=not args.no_verify,
+        dir_markers=not args.no_dir_markers,
         skip_unchanged=not args.force,
         fsync=args.fsync,
         progress=bar,
