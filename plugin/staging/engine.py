@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import mmap
 import os
 import random
 import re
@@ -259,26 +258,29 @@ class _Hasher:
     """Checksum of a part file being filled chunk by chunk in any order, computed while the
     chunks land so verification costs no pass at the end.
 
-    Reads go through a read-only mmap of the part file: hashlib gets whole chunks straight from
-    the page cache (no copy, and the GIL is released once per chunk instead of once per small
-    read, which mattered with 8 workers and CRT's threads contending for it). Hashed ranges are
-    unmapped again at once (MADV_DONTNEED), so RSS stays at about a chunk.
     - plain MD5 ETag: one thread hashes the contiguous finished prefix in order (MD5 is
       sequential), overlapped with the chunks still downloading;
     - multipart ETag (`md5-of-part-md5s-N`): parts are independent, so the worker that
       finishes a part's last chunk hashes that part at once, in parallel with the others.
+
+    Reads are preads into a small reused buffer (hashlib and pread both release the GIL), not
+    an mmap: a part file truncated behind our back must fail verification, not SIGBUS the
+    daemon that runs the copy. A short read leaves the result None, which never matches.
     """
 
+    _BUFFER = 1 << 20
+
     def __init__(self, fd: int, size: int, chunk_size: int, part_size: int | None) -> None:
+        self._fd = fd
         self._size = size
         self._chunk = chunk_size
         self._nchunks = max(1, (size + chunk_size - 1) // chunk_size)
         self._part_size = part_size
-        self._mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
-        self._view = memoryview(self._mm) if self._mm is not None else memoryview(b"")
         self._done = [False] * self._nchunks
         self._cond = threading.Condition()
         self._stopped = False
+        self._busy = 0  # part hashes in flight; stop() waits for them (the fd closes after)
+        self._short_read = False
         self._result: str | None = None
         self._thread: threading.Thread | None = None
         self._parts: list[bytes | None] = []
@@ -310,49 +312,57 @@ class _Hasher:
             with self._cond:
                 self._parts_left[p] -= 1
                 ready = self._parts_left[p] == 0 and not self._stopped
-            if ready:
+                if ready:
+                    self._busy += 1
+            if not ready:
+                continue
+            ok = False
+            try:
                 start = p * self._part_size
                 end = min(start + self._part_size, self._size)
-                digest = hashlib.md5(self._view[start:end]).digest()
-                self._unmap(start, end)
+                md5 = hashlib.md5()
+                ok = self._update(md5, start, end, bytearray(self._BUFFER))
+            finally:
                 with self._cond:
-                    self._parts[p] = digest
+                    self._busy -= 1
+                    if ok:
+                        self._parts[p] = md5.digest()
+                    else:
+                        self._short_read = True
+                    self._cond.notify_all()
+
+    def _update(self, md5: Any, start: int, end: int, buf: bytearray) -> bool:
+        """Feed bytes [start, end) of the part file to *md5*; False on a short read."""
+        view = memoryview(buf)
+        pos = start
+        while pos < end:
+            n = os.preadv(self._fd, [view[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                log.warning("part file shrank while being verified (at byte %d of %d)", pos, end)
+                return False
+            md5.update(view[:n])
+            pos += n
+        return True
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
-            self._cond.notify()
+            self._cond.notify_all()
+            while self._busy:
+                self._cond.wait()
         if self._thread is not None:
             self._thread.join()
-        self._close()
 
     def result(self) -> str | None:
         if self._thread is not None:
             self._thread.join()
-        elif self._parts and all(d is not None for d in self._parts):
+        elif not self._short_read and self._parts and all(d is not None for d in self._parts):
             self._result = multipart_etag(d for d in self._parts if d is not None)
-        self._close()
         return self._result
-
-    def _unmap(self, start: int, end: int) -> None:
-        """Drop the hashed range from our page tables (the page cache keeps the data): mapped
-        file pages count as the process's RSS, and a 1 GiB file would otherwise show 1 GiB."""
-        page = mmap.PAGESIZE
-        lo = -(-start // page) * page
-        hi = end if end == self._size else end // page * page
-        if self._mm is not None and hi > lo:
-            with contextlib.suppress(OSError, ValueError):
-                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-    def _close(self) -> None:
-        with self._cond:
-            self._view.release()
-            if self._mm is not None:
-                self._mm.close()
-                self._mm = None
 
     def _run(self) -> None:
         whole = hashlib.md5()
+        buf = bytearray(self._BUFFER)
         for i in range(self._nchunks):
             with self._cond:
                 while not self._done[i] and not self._stopped:
@@ -360,8 +370,8 @@ class _Hasher:
                 if self._stopped:
                     return
             start, end = i * self._chunk, min((i + 1) * self._chunk, self._size)
-            whole.update(self._view[start:end])
-            self._unmap(start, end)
+            if not self._update(whole, start, end, buf):
+                return
         self._result = whole.hexdigest()
 
 
