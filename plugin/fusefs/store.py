@@ -68,15 +68,26 @@ def _etag(value: str | None) -> str | None:
 class ObjectStore:
     """One bucket, accessed through a thread-safe boto3 client."""
 
-    def __init__(self, client: Any, bucket: str, *, max_threads: int = 16) -> None:
+    def __init__(
+        self, client: Any, bucket: str, *, max_threads: int = 16, data_threads: int = 8
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self._limiter = trio.CapacityLimiter(max_threads)
+        #: Ranged GETs get their own threads, so read-ahead never starves HEAD and LIST.
+        self._data_limiter = trio.CapacityLimiter(data_threads)
 
-    async def _run(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _run(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        _limiter: trio.CapacityLimiter | None = None,
+        **kwargs: Any,
+    ) -> T:
         try:
             return await trio.to_thread.run_sync(
-                functools.partial(fn, *args, **kwargs), limiter=self._limiter
+                functools.partial(fn, *args, **kwargs), limiter=_limiter or self._limiter
             )
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             if s3client.is_not_found(exc):
@@ -184,7 +195,15 @@ class ObjectStore:
     ) -> None:
         """GET `[start, end)` of *key* and pwrite the parts that fall into *gaps* to *fd*."""
         await self._run(
-            f"get {key} [{start}, {end})", self._fetch_into_sync, key, start, end, fd, gaps, etag
+            f"get {key} [{start}, {end})",
+            self._fetch_into_sync,
+            key,
+            start,
+            end,
+            fd,
+            gaps,
+            etag,
+            _limiter=self._data_limiter,
         )
 
     def _fetch_into_sync(
@@ -198,7 +217,13 @@ class ObjectStore:
         if etag:
             # Never splice bytes of a newer object version into an older cached one.
             kwargs["IfMatch"] = f'"{etag}"'
-        body = self.client.get_object(**kwargs)["Body"]
+        r = self.client.get_object(**kwargs)
+        body = r["Body"]
+        got = _etag(r.get("ETag"))
+        if etag and got and got != etag:
+            # Some servers (rclone serve s3) ignore If-Match; check the answer ourselves.
+            body.close()
+            raise StaleError(f"get {key}: the object changed on the server")
         try:
             pos = start
             gi = 0

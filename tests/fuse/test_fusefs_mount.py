@@ -311,6 +311,141 @@ def test_sequential_read_uses_few_range_requests(
     assert 1 <= gets <= 8, gets
 
 
+def _fetch_concurrency(log: str, name: str) -> tuple[int, int]:
+    """(GETs started, most GETs in flight at once) for *name*, from the debug log."""
+    started = in_flight = peak = 0
+    for line in log.splitlines():
+        if f"fetch {name} [" in line:
+            started += 1
+            in_flight += 1
+            peak = max(peak, in_flight)
+        elif f"fetched {name} [" in line or f"fetch of {name} [" in line:
+            in_flight -= 1
+    return started, peak
+
+
+def test_read_ahead_runs_parallel_gets_and_random_reads_see_right_bytes(
+    mount_factory: MountFactory, rclone_server: S3Server
+) -> None:
+    m = mount_factory(rclone_server)
+    data = os.urandom(72 * MiB + 12345)
+    put(m, "ra.bin", data)
+    fd = os.open(m.path / "ra.bin", os.O_RDONLY)
+    try:
+        # Random reads first (small fetches), then a sequential pass over everything, which
+        # must splice read-ahead parts around the pieces already present.
+        for off in (70 * MiB, 5, 33 * MiB + 7, 8 * MiB - 100, len(data) - 10):
+            assert os.pread(fd, 4096, off) == data[off : off + 4096], off
+        got = bytearray()
+        while chunk := os.read(fd, MiB):
+            got += chunk
+    finally:
+        os.close(fd)
+    assert len(got) == len(data)
+    assert got == data
+    log = m.log()
+    started, peak = _fetch_concurrency(log, "ra.bin")
+    assert peak >= 2, f"read-ahead never had two GETs in flight ({started} GETs)"
+    # 8 MiB parts, not one GET per kernel READ.
+    assert started <= 20, started
+
+
+def test_failed_background_get_gives_eio_never_wrong_bytes(
+    mount_factory: MountFactory, private_rclone_server: S3Server
+) -> None:
+    server = private_rclone_server
+    m = mount_factory(server)
+    data = os.urandom(40 * MiB)
+    put(m, "fail.bin", data)
+    fd = os.open(m.path / "fail.bin", os.O_RDONLY)
+    try:
+        pos = 0
+        for _ in range(3):  # sequential: read-ahead starts
+            chunk = os.read(fd, MiB)
+            assert chunk == data[pos : pos + len(chunk)]
+            pos += len(chunk)
+        server.stop()
+        errors = 0
+        while pos < len(data):
+            try:
+                chunk = os.read(fd, MiB)
+            except OSError as exc:
+                assert exc.errno == errno.EIO, exc
+                errors += 1
+                break
+            # Whatever did arrive must be the object's bytes, never zeros of a failed GET.
+            assert chunk == data[pos : pos + len(chunk)], pos
+            if not chunk:
+                break
+            pos += len(chunk)
+        assert errors == 1, "reading 40 MiB with the server down never failed"
+        server.start()
+        # A later read retries the GET and gets the right bytes.
+        os.lseek(fd, 0, os.SEEK_SET)
+        got = bytearray()
+        while chunk := os.read(fd, MiB):
+            got += chunk
+        assert got == data
+    finally:
+        os.close(fd)
+    assert "fetch of fail.bin" in m.log()
+
+
+def test_object_replaced_during_read_ahead_is_not_mixed_in(
+    mount_factory: MountFactory, rclone_server: S3Server
+) -> None:
+    m = mount_factory(rclone_server)
+    old = os.urandom(40 * MiB)
+    new = os.urandom(40 * MiB)
+    put(m, "swap.bin", old)
+    fd = os.open(m.path / "swap.bin", os.O_RDONLY)
+    try:
+        pos = 0
+        chunk = os.read(fd, MiB)
+        assert chunk == old[: len(chunk)]
+        pos += len(chunk)
+        put(m, "swap.bin", new)
+        while True:
+            try:
+                chunk = os.read(fd, MiB)
+            except OSError as exc:
+                assert exc.errno in (errno.ESTALE, errno.EIO), exc
+                break
+            if not chunk:
+                break
+            # Bytes of the old version (fetched before the PUT) are fine; new ones are not.
+            assert chunk == old[pos : pos + len(chunk)], pos
+            pos += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def test_write_during_read_ahead_is_not_overwritten(
+    mount_factory: MountFactory, rclone_server: S3Server
+) -> None:
+    m = mount_factory(rclone_server)
+    data = bytearray(os.urandom(48 * MiB))
+    put(m, "rw.bin", bytes(data))
+    fd = os.open(m.path / "rw.bin", os.O_RDWR)
+    try:
+        assert os.read(fd, MiB) == data[:MiB]
+        assert os.read(fd, MiB) == data[MiB : 2 * MiB]  # read-ahead of later parts starts
+        for off in (9 * MiB + 3, 20 * MiB, 40 * MiB - 1):
+            patch = os.urandom(70_000)
+            os.pwrite(fd, patch, off)
+            data[off : off + len(patch)] = patch
+        os.truncate(fd, 44 * MiB)
+        del data[44 * MiB :]
+        got = bytearray()
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, MiB):
+            got += chunk
+        assert got == data
+    finally:
+        os.close(fd)
+    assert get_body(m, "rw.bin") == data
+
+
 def test_sigterm_uploads_dirty_file_before_exit(
     mount_factory: MountFactory, s3_server: S3Server
 ) -> None:

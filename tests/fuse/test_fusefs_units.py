@@ -15,7 +15,7 @@ pyfuse3 = pytest.importorskip("pyfuse3")
 trio = pytest.importorskip("trio")
 
 from plugin.fusefs import errors  # noqa: E402
-from plugin.fusefs.cache import INITIAL_WINDOW, Ranges, ReadAhead  # noqa: E402
+from plugin.fusefs.cache import INITIAL_WINDOW, PART_SIZE, Ranges, ReadAhead  # noqa: E402
 from plugin.fusefs.inodes import (  # noqa: E402
     Attrs,
     Defaults,
@@ -47,16 +47,22 @@ def test_ranges_merge_clip_and_gaps() -> None:
 
 
 def test_readahead_grows_on_sequential_reads_and_resets_on_seek() -> None:
-    ra = ReadAhead(max_window=16 * MiB)
-    assert ra.window_for(0) == INITIAL_WINDOW
-    ra.note_read(0, 128 * 1024)
-    assert ra.window_for(128 * 1024) == 2 * INITIAL_WINDOW
-    ra.note_read(128 * 1024, 256 * 1024)
-    assert ra.window_for(256 * 1024) == 4 * INITIAL_WINDOW
+    ra = ReadAhead(max_window=64 * MiB)
+    assert not ra.observe(0, 128 * 1024)  # a first read proves nothing
+    assert ra.window == INITIAL_WINDOW
+    assert ra.observe(128 * 1024, 256 * 1024)
+    assert ra.window == PART_SIZE  # whole parts once sequential
+    assert ra.observe(256 * 1024, 384 * 1024)
+    assert ra.window == 2 * PART_SIZE
+    # Slightly out of order (the kernel's async read-ahead) is still sequential.
+    assert ra.observe(200 * 1024, 300 * 1024)
     for _ in range(10):
-        ra.window_for(ra.next_offset)
-    assert ra.window == 16 * MiB
-    assert ra.window_for(900 * MiB) == INITIAL_WINDOW
+        ra.observe(ra.next_offset, ra.next_offset + MiB)
+    assert ra.window == 64 * MiB
+    ra.ahead_end = 90 * MiB
+    assert not ra.observe(900 * MiB, 901 * MiB)
+    assert ra.window == INITIAL_WINDOW
+    assert ra.ahead_end == 0
 
 
 def test_s3fs_metadata_round_trip() -> None:
