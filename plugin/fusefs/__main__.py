@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from plugin import s3client
+from plugin.fusefs import fasthead
 from plugin.fusefs.cache import DataCache, MiB, UploadConfig
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
@@ -108,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "files, such as rclone serve s3 on a directory)",
     )
     p.add_argument("--no-writeback-cache", action="store_true")
+    p.add_argument(
+        "--no-fast-head",
+        action="store_true",
+        help="HEAD objects through boto3 only (not the lighter signed-request path)",
+    )
     p.add_argument(
         "--retry-interval",
         type=float,
@@ -237,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     temp_cache = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="stowage-fusefs-")) if temp_cache else args.cache_dir
     store = ObjectStore(client, args.bucket)
+    if not args.no_fast_head:
+        store.fast_head = fasthead.from_boto3_client(
+            client,
+            args.bucket,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+        )
     cache = DataCache(
         store,
         cache_dir,

@@ -19,7 +19,8 @@ import botocore.exceptions
 import trio
 
 from plugin import s3client
-from plugin.fusefs.errors import NotFoundError, RemoteError, StaleError
+from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
+from plugin.fusefs.fasthead import FastHeadError, HeadClient, parse_http_date
 
 if TYPE_CHECKING:
     from plugin.fusefs.cache import UploadConfig
@@ -36,6 +37,9 @@ MAX_COPY_SIZE = 5 * (1 << 30)
 MAX_PARTS = 10_000
 
 DIR_CONTENT_TYPE = "application/x-directory"
+META_PREFIX = "x-amz-meta-"
+#: Connections (threads) a listing's pipelined HEADs are spread over.
+HEAD_STREAMS = 4
 
 
 @dataclass
@@ -76,6 +80,8 @@ class ObjectStore:
         self._limiter = trio.CapacityLimiter(max_threads)
         #: Ranged GETs get their own threads, so read-ahead never starves HEAD and LIST.
         self._data_limiter = trio.CapacityLimiter(data_threads)
+        #: Cheap signed HEADs for metadata (see fasthead); None means boto3 only.
+        self.fast_head: HeadClient | None = None
 
     async def _run(
         self,
@@ -109,7 +115,73 @@ class ObjectStore:
             MaxKeys=1,
         )
 
-    async def head(self, key: str) -> ObjectInfo | None:
+    @staticmethod
+    def _info_from_headers(key: str, status: int, headers: dict[str, str]) -> ObjectInfo | None:
+        if status == 404:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(headers.get("content-length", 0)),
+            etag=_etag(headers.get("etag")),
+            last_modified_ns=parse_http_date(headers.get("last-modified")),
+            metadata={
+                k[len(META_PREFIX) :]: v for k, v in headers.items() if k.startswith(META_PREFIX)
+            },
+            content_type=headers.get("content-type"),
+        )
+
+    async def head_many(
+        self, keys: list[str], *, concurrency: int = 32
+    ) -> list[ObjectInfo | FsError | None]:
+        """HEAD many keys at once (directory listings). A failure is returned in place of
+        that key's answer, so one bad object does not fail the others."""
+        results: list[ObjectInfo | FsError | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        fast = self.fast_head
+        if fast is not None and fast.enabled and keys:
+            streams = min(HEAD_STREAMS, -(-len(keys) // 16))
+            chunks = [todo[i::streams] for i in range(streams)]
+            retry: list[int] = []
+
+            async def _chunk(idx: list[int]) -> None:
+                answers = await trio.to_thread.run_sync(
+                    fast.head_many, [keys[i] for i in idx], limiter=self._limiter
+                )
+                for i, answer in zip(idx, answers, strict=True):
+                    if isinstance(answer, FastHeadError):
+                        retry.append(i)
+                    else:
+                        results[i] = self._info_from_headers(keys[i], *answer)
+
+            async with trio.open_nursery() as nursery:
+                for idx in chunks:
+                    nursery.start_soon(_chunk, idx)
+            todo = sorted(retry)
+        limiter = trio.Semaphore(concurrency)
+
+        async def _one(i: int) -> None:
+            async with limiter:
+                try:
+                    results[i] = await self.head(keys[i], fast=False)
+                except FsError as exc:
+                    results[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in todo:
+                nursery.start_soon(_one, i)
+        return results
+
+    async def head(self, key: str, *, fast: bool = True) -> ObjectInfo | None:
+        client = self.fast_head
+        if fast and client is not None and client.enabled:
+            try:
+                status, headers = await trio.to_thread.run_sync(
+                    client.head, key, limiter=self._limiter
+                )
+            except FastHeadError as exc:
+                log.debug("fast HEAD %s: %s; asking boto3", key, exc)
+            else:
+                return self._info_from_headers(key, status, headers)
         try:
             r = await self._run(f"head {key}", self.client.head_object, Bucket=self.bucket, Key=key)
         except NotFoundError:

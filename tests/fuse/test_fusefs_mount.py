@@ -610,6 +610,56 @@ def test_journal_from_previous_run_is_uploaded(
     assert get_body(m2, "later.txt") == b"survives a restart"
 
 
+def test_ls_l_gets_s3fs_metadata_at_listing_without_lookups(
+    mount_factory: MountFactory, s3_server: S3Server
+) -> None:
+    m = mount_factory(s3_server, extra=["--metadata-ttl", "60"])
+    names = [f"f{i:02d}" for i in range(40)] + ["odd name+%ü.txt"]
+    for i, name in enumerate(names):
+        put(
+            m,
+            f"meta/{name}",
+            b"x" * i,
+            mode=str(stat.S_IFREG | 0o640 if i % 2 else stat.S_IFREG | 0o604),
+            uid=str(1000 + i),
+            gid="4242",
+            mtime=str(1_500_000_000 + i),
+        )
+    put(m, "meta/plain", b"no metadata")
+    if s3_server.supports_dir_markers:
+        m.client.put_object(
+            Bucket=m.bucket,
+            Key=m.key("meta/sub/"),
+            Body=b"",
+            Metadata={"mode": str(stat.S_IFDIR | 0o710), "uid": "7", "gid": "8"},
+        )
+    m.client.put_object(Bucket=m.bucket, Key=m.key("meta/sub/inner"), Body=b"")
+    out = subprocess.run(
+        ["ls", "-ln", "--time-style=+%s", str(m.path / "meta")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = {line.split()[-1]: line.split() for line in out.splitlines()[1:] if line}
+    for i, name in enumerate(names[:-1]):
+        perms, _, uid, gid, size, mtime = rows[name][:6]
+        assert perms == ("-rw-r-----" if i % 2 else "-rw----r--"), (name, perms)
+        assert (uid, gid, size, mtime) == (str(1000 + i), "4242", str(i), str(1_500_000_000 + i))
+    st = os.lstat(m.path / "meta" / names[-1])
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o604, 1040)
+    assert rows["plain"][0] == "-rw-r--r--"
+    if s3_server.supports_dir_markers:
+        assert rows["sub"][0] == "drwx--x---" and rows["sub"][2:4] == ["7", "8"]
+    # Everything came with READDIRPLUS and a TTL: `ls -l` sent no LOOKUP per entry.
+    log = m.log()
+    lookups = [line for line in log.splitlines() if "lookup " in line and "b'f" in line]
+    assert not lookups, lookups[:5]
+    # ... and the HEADs went over the signed fast path (rclone checks signatures), odd key
+    # names included, without falling back to boto3.
+    assert "HEADs in" in log
+    assert "asking boto3" not in log and "fell back" not in log and "path off" not in log
+
+
 # -- scale ------------------------------------------------------------------------------------
 
 
