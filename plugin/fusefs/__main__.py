@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import faulthandler
+import functools
 import logging
 import os
 import re
@@ -18,18 +19,19 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from plugin import s3client
 from plugin.fusefs import fasthead
 from plugin.fusefs.cache import DataCache, MiB, UploadConfig
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
 from plugin.fusefs.operations import S3Operations
-from plugin.fusefs.store import ObjectStore
+from plugin.fusefs.store import LazyClient, ObjectStore
 from plugin.logs import LEVELS, setup_logging
 
 log = logging.getLogger(__name__)
@@ -191,9 +193,60 @@ async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
             return
 
 
-async def _run(fs: S3Filesystem, mountpoint: str, ready_fd: int | None) -> int:
+def _build_client(args: argparse.Namespace) -> Any:
+    """Import boto3, build the client and prove that it works. Blocking: a worker thread."""
+    from plugin import s3client
+
+    settings = s3client.S3Settings(
+        endpoint_url=args.endpoint,
+        region=args.region,
+        profile=args.profile,
+        credentials_file=args.credentials_file,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        max_attempts=args.max_attempts,
+        max_pool_connections=32 + 4 * args.upload_concurrency,
+    )
+    client = s3client.make_s3_client(settings)
+    # Bad credentials or bucket fail here with S3's own message (and exit status 2), not as
+    # EIO on the first ls.
+    client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
+    return client
+
+
+async def _connect(
+    args: argparse.Namespace, store: ObjectStore, lazy: LazyClient, failed: list[str]
+) -> None:
+    """Build the S3 client after the mount is live; on failure stop with status 2."""
+    try:
+        client = await trio.to_thread.run_sync(_build_client, args)
+    except Exception as exc:
+        log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
+        failed.append(str(exc))
+        lazy.fail(str(exc))
+        pyfuse3.terminate()
+        return
+    if not args.no_fast_head:
+        store.fast_head = fasthead.from_boto3_client(
+            client,
+            args.bucket,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+        )
+    lazy.set(client)
+    log.debug("S3 client ready")
+
+
+async def _run(
+    fs: S3Filesystem,
+    mountpoint: str,
+    ready_fd: int | None,
+    connect: Callable[[list[str]], Awaitable[None]],
+) -> int:
+    startup_failed: list[str] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, fs, mountpoint)
+        nursery.start_soon(connect, startup_failed)
         nursery.start_soon(fs.retry_failed_uploads)
         if ready_fd is not None:
             try:
@@ -203,6 +256,8 @@ async def _run(fs: S3Filesystem, mountpoint: str, ready_fd: int | None) -> int:
         log.info("mounted s3://%s/%s at %s", fs.store.bucket, fs.prefix, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    if startup_failed:
+        return 2
     failed = await fs.flush_all()
     if failed:
         log.error(
@@ -221,35 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)
     mountpoint = os.path.abspath(args.mountpoint)
 
-    settings = s3client.S3Settings(
-        endpoint_url=args.endpoint,
-        region=args.region,
-        profile=args.profile,
-        credentials_file=args.credentials_file,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        max_attempts=args.max_attempts,
-        max_pool_connections=32 + 4 * args.upload_concurrency,
-    )
-    try:
-        client = s3client.make_s3_client(settings)
-        # A plain call before mounting: bad credentials or bucket fail here, with S3's
-        # message and exit status 2, not as EIO on the first ls.
-        client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
-    except Exception as exc:
-        log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
-        return 2
-
+    # The boto3 client is built (and the bucket checked) only once the mount is live: the
+    # imports alone cost hundreds of ms. Until then S3 calls wait in their worker threads.
     temp_cache = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="stowage-fusefs-")) if temp_cache else args.cache_dir
-    store = ObjectStore(client, args.bucket)
-    if not args.no_fast_head:
-        store.fast_head = fasthead.from_boto3_client(
-            client,
-            args.bucket,
-            connect_timeout=args.connect_timeout,
-            read_timeout=args.read_timeout,
-        )
+    lazy = LazyClient()
+    store = ObjectStore(lazy, args.bucket)
     cache = DataCache(
         store,
         cache_dir,
@@ -303,7 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         cache.close_dir()
         return 2
     try:
-        status = trio.run(_run, fs, mountpoint, args.ready_fd)
+        status = trio.run(
+            _run,
+            fs,
+            mountpoint,
+            args.ready_fd,
+            functools.partial(_connect, args, store, lazy),
+        )
     except BaseException:
         log.exception("filesystem loop failed")
         pyfuse3.close(unmount=False)

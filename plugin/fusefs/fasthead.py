@@ -82,6 +82,8 @@ class HeadClient:
         self.enabled = True
         #: False once the server closes connections after each answer.
         self.keepalive = True
+        #: False once a pipelined batch broke (some servers drop what follows a request).
+        self.pipelining = True
         self._failures = 0
         self._local = threading.local()
         self._keys: dict[tuple[str, str], bytes] = {}
@@ -223,7 +225,7 @@ class HeadClient:
             if not self.enabled:
                 out += [FastHeadError("disabled")] * (len(keys) - i)
                 break
-            batch = keys[i : i + (window if self.keepalive else 1)]
+            batch = keys[i : i + (window if self.keepalive and self.pipelining else 1)]
             conn: _Conn | None = getattr(self._local, "conn", None)
             try:
                 if conn is None:
@@ -234,6 +236,8 @@ class HeadClient:
                     self._drop()
             except (OSError, ValueError, FastHeadError) as exc:
                 self._drop()
+                if len(batch) > 1:
+                    self.pipelining = False
                 # Once more, one by one on a fresh connection (a kept-alive one may have
                 # been closed by the server meanwhile).
                 for k in batch:

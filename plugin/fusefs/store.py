@@ -11,14 +11,13 @@ import concurrent.futures
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import botocore.exceptions
 import trio
 
-from plugin import s3client
 from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
 from plugin.fusefs.fasthead import FastHeadError, HeadClient, parse_http_date
 
@@ -69,6 +68,40 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else None
 
 
+class LazyClient:
+    """Stands in for the boto3 client while a background thread builds it.
+
+    Importing boto3 and creating a client take a few hundred ms of CPU, and the mount should
+    be live before that. Every client call runs in a worker thread (`ObjectStore._run`), so
+    a call made early simply waits there, off the trio loop, until the client exists.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._client: Any = None
+        self._error: str | None = None
+
+    def set(self, client: Any) -> None:
+        self._client = client
+        self._event.set()
+
+    def fail(self, error: str) -> None:
+        self._error = error
+        self._event.set()
+
+    def get(self) -> Any:
+        self._event.wait()
+        if self._error is not None:
+            raise RemoteError(f"no S3 client: {self._error}")
+        return self._client
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def _call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self.get(), name)(*args, **kwargs)
+
+        return _call
+
+
 class ObjectStore:
     """One bucket, accessed through a thread-safe boto3 client."""
 
@@ -95,15 +128,25 @@ class ObjectStore:
             return await trio.to_thread.run_sync(
                 functools.partial(fn, *args, **kwargs), limiter=_limiter or self._limiter
             )
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            if s3client.is_not_found(exc):
-                raise NotFoundError(what) from exc
-            if s3client.error_code(exc) in ("412", "PreconditionFailed"):
-                raise StaleError(f"{what}: the object changed on the server") from exc
-            raise RemoteError(f"{what}: {exc}") from exc
-        except OSError as exc:
-            # urllib3/socket errors that botocore did not wrap.
-            raise RemoteError(f"{what}: {exc}") from exc
+        except FsError:
+            raise
+        except Exception as exc:
+            # Imported here, not at module level: importing boto3 costs hundreds of ms and
+            # the mount goes live before that (see LazyClient). By now it is loaded anyway.
+            import botocore.exceptions
+
+            from plugin import s3client
+
+            if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
+                if s3client.is_not_found(exc):
+                    raise NotFoundError(what) from exc
+                if s3client.error_code(exc) in ("412", "PreconditionFailed"):
+                    raise StaleError(f"{what}: the object changed on the server") from exc
+                raise RemoteError(f"{what}: {exc}") from exc
+            if isinstance(exc, OSError):
+                # urllib3/socket errors that botocore did not wrap.
+                raise RemoteError(f"{what}: {exc}") from exc
+            raise
 
     async def check_bucket(self, prefix: str) -> None:
         """Fail early, with S3's own message, if the bucket cannot be listed."""
