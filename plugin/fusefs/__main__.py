@@ -256,13 +256,14 @@ async def _run(
         log.info("mounted s3://%s/%s at %s", fs.store.bucket, fs.prefix, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    if startup_failed:
-        return 2
+    # Even after a failed start: files written meanwhile get journaled, not forgotten.
     failed = await fs.flush_all()
     if failed:
         log.error(
             "%d file(s) could not be uploaded; their data is kept in %s", failed, fs.cache.cache_dir
         )
+    if startup_failed:
+        return 2
     return 1 if failed else 0
 
 
