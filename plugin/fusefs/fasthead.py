@@ -11,6 +11,7 @@ raises `FastHeadError` so the caller asks boto3 instead.
 from __future__ import annotations
 
 import calendar
+import datetime
 import email.utils
 import hashlib
 import hmac
@@ -22,7 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
+from xml.etree import ElementTree
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,26 @@ class HeadClient:
             self._keys = {(secret, day): key}
         return key
 
-    def request_bytes(self, key: str, now: float | None = None) -> bytes:
+    def request_bytes(
+        self,
+        key: str,
+        now: float | None = None,
+        *,
+        method: str = "HEAD",
+        query: dict[str, str] | None = None,
+    ) -> bytes:
         """The signed request for *key* (public for tests)."""
         access, secret, token = self.credentials()
-        path = f"/{quote(self.bucket, safe='')}/{quote(key, safe='/')}"
+        path = (
+            f"/{quote(self.bucket, safe='')}/{quote(key, safe='/')}"
+            if key
+            else (f"/{quote(self.bucket, safe='')}")
+        )
+        # SigV4 canonical query: names sorted, everything but unreserved characters encoded.
+        qs = "&".join(
+            f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+            for k, v in sorted((query or {}).items())
+        )
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         day = amz_date[:8]
         headers = [
@@ -118,9 +136,9 @@ class HeadClient:
         signed = ";".join(name for name, _ in headers)
         canonical = "\n".join(
             [
-                "HEAD",
+                method,
                 path,
-                "",
+                qs,
                 "".join(f"{name}:{value}\n" for name, value in headers),
                 signed,
                 EMPTY_SHA256,
@@ -138,13 +156,83 @@ class HeadClient:
         signature = hmac.new(
             self._signing_key(secret, day), to_sign.encode(), hashlib.sha256
         ).hexdigest()
-        lines = [f"HEAD {path} HTTP/1.1"]
+        lines = [f"{method} {path}{'?' + qs if qs else ''} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append(
             f"authorization: AWS4-HMAC-SHA256 Credential={access}/{scope}, "
             f"SignedHeaders={signed}, Signature={signature}"
         )
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def list_v2(
+        self, prefix: str, token: str | None, delimiter: str | None, max_keys: int
+    ) -> dict[str, Any]:
+        """ListObjectsV2, parsed like botocore does (the keys this module's caller uses):
+        Contents [Key, Size, ETag, LastModified ns], CommonPrefixes [Prefix], IsTruncated,
+        NextContinuationToken. Blocking; FastHeadError for anything unexpected."""
+        if not self.enabled:
+            raise FastHeadError("disabled")
+        query = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
+        query["prefix"] = prefix
+        if delimiter:
+            query["delimiter"] = delimiter
+        if token:
+            query["continuation-token"] = token
+        request = self.request_bytes("", method="GET", query=query)
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        for attempt in range(2):
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = self._local.conn = self._connect()
+                conn.sock.sendall(request)
+                status, headers = self._read_response(conn)
+                body = self._read_body(conn, headers)
+                if not conn.reusable:
+                    self._drop()
+                break
+            except (OSError, ValueError) as exc:
+                self._drop()
+                conn = None
+                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
+                    continue
+                raise FastHeadError(f"LIST transport: {exc}") from exc
+            except FastHeadError:
+                self._drop()
+                raise
+        else:
+            raise FastHeadError("unreachable")
+        if status != 200:
+            if status in (400, 403):
+                self.enabled = False
+                log.info("fast path refused by the server (HTTP %d); using boto3", status)
+            raise FastHeadError(f"LIST HTTP {status}")
+        return _parse_list(body)
+
+    def _read_body(self, conn: _Conn, headers: dict[str, str]) -> bytes:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            parts: list[bytes] = []
+            while True:
+                size_line = conn.rfile.readline(1024)
+                if not size_line:
+                    raise ConnectionResetError("connection closed in a chunked body")
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while conn.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                data = conn.rfile.read(size)
+                if len(data) != size:
+                    raise ConnectionResetError("short chunk")
+                parts.append(data)
+                conn.rfile.readline(8)
+        length = headers.get("content-length")
+        if length is None:
+            raise FastHeadError("body without a length")
+        data = conn.rfile.read(int(length))
+        if len(data) != int(length):
+            raise ConnectionResetError("short body")
+        return data
 
     # -- transport --------------------------------------------------------------------------
 
@@ -283,6 +371,59 @@ class HeadClient:
         if status not in (200, 404):
             raise FastHeadError(f"HTTP {status}")
         return status, headers
+
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _parse_list(body: bytes) -> dict[str, Any]:
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise FastHeadError(f"LIST: bad XML: {exc}") from exc
+    ns = _NS if root.tag.startswith(_NS) else ""
+    if root.tag != f"{ns}ListBucketResult":
+        raise FastHeadError(f"LIST: unexpected answer {root.tag}")
+    url = root.findtext(f"{ns}EncodingType") == "url"
+
+    def _name(value: str | None) -> str:
+        if value is None:
+            raise FastHeadError("LIST: entry without a name")
+        return unquote_plus(value) if url else value  # as botocore decodes it
+
+    contents = []
+    for c in root.iterfind(f"{ns}Contents"):
+        modified = c.findtext(f"{ns}LastModified")
+        contents.append(
+            {
+                "Key": _name(c.findtext(f"{ns}Key")),
+                "Size": int(c.findtext(f"{ns}Size") or 0),
+                "ETag": c.findtext(f"{ns}ETag"),
+                "LastModifiedNs": parse_iso_date(modified),
+            }
+        )
+    prefixes = [
+        {"Prefix": _name(p.findtext(f"{ns}Prefix"))} for p in root.iterfind(f"{ns}CommonPrefixes")
+    ]
+    return {
+        "Contents": contents,
+        "CommonPrefixes": prefixes,
+        "IsTruncated": (root.findtext(f"{ns}IsTruncated") or "").lower() == "true",
+        "NextContinuationToken": root.findtext(f"{ns}NextContinuationToken"),
+    }
+
+
+def parse_iso_date(value: str | None) -> int:
+    """S3's ISO 8601 LastModified in nanoseconds (0 if missing or garbled)."""
+    if not value:
+        return 0
+    try:
+        dt = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.UTC)
+    return int(dt.timestamp() * 1_000_000_000)
 
 
 def parse_http_date(value: str | None) -> int:

@@ -247,13 +247,26 @@ class ObjectStore:
         if token:
             kwargs["ContinuationToken"] = token
         log.debug("list %s (continued: %s)", prefix, token is not None)
-        r = await self._run(f"list {prefix}", self.client.list_objects_v2, **kwargs)
+        r: dict[str, Any] | None = None
+        fast = self.fast_head
+        if fast is not None and fast.enabled:
+            try:
+                r = await trio.to_thread.run_sync(
+                    fast.list_v2, prefix, token, delimiter, max_keys, limiter=self._limiter
+                )
+            except FastHeadError as exc:
+                log.debug("fast LIST %s: %s; asking boto3", prefix, exc)
+        if r is None:
+            r = await self._run(f"list {prefix}", self.client.list_objects_v2, **kwargs)
+        assert r is not None
         files = [
             ObjectInfo(
                 key=o["Key"],
                 size=int(o.get("Size", 0)),
                 etag=_etag(o.get("ETag")),
-                last_modified_ns=_ns(o.get("LastModified")),
+                last_modified_ns=o["LastModifiedNs"]
+                if "LastModifiedNs" in o
+                else _ns(o.get("LastModified")),
             )
             for o in r.get("Contents", [])
         ]

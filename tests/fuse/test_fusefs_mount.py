@@ -665,6 +665,7 @@ def test_ls_l_gets_s3fs_metadata_at_listing_without_lookups(
         # key names included, without falling back to boto3. (moto's server may drop
         # pipelined requests; the fallback covers it, checked by the asserts above.)
         assert "asking boto3" not in log and "fell back" not in log and "path off" not in log
+        assert "refused by the server" not in log
 
 
 # -- scale ------------------------------------------------------------------------------------
