@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--readahead-streams",
         type=int,
-        default=4,
+        default=8,
         help="parallel ranged GETs (8 MiB parts) ahead of a sequential reader",
     )
     p.add_argument(

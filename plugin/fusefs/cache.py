@@ -52,7 +52,7 @@ MAX_BACKWARD = MiB
 #: Read-ahead part: fetches are cut at multiples of this (AWS and mountpoint-s3 use 8 MiB).
 PART_SIZE = 8 * MiB
 #: Ranged GETs in flight per file for read-ahead (needed bytes are always fetched).
-READAHEAD_STREAMS = 4
+READAHEAD_STREAMS = 8
 
 
 class Ranges:
