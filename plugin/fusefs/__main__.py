@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from plugin.fusefs import fasthead
-from plugin.fusefs.cache import DataCache, MiB, UploadConfig
+from plugin.fusefs.cache import PART_SIZE, DataCache, MiB, UploadConfig
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
 from plugin.fusefs.operations import S3Operations
@@ -88,14 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--readahead-max",
         type=int,
-        default=64 * MiB,
+        default=8 * PART_SIZE,
         help="largest read-ahead window for sequential readers",
     )
     p.add_argument(
         "--readahead-streams",
         type=int,
         default=8,
-        help="parallel ranged GETs (8 MiB parts) ahead of a sequential reader",
+        help="parallel ranged GETs (parts of --readahead-part) ahead of a sequential reader",
+    )
+    p.add_argument(
+        "--readahead-part",
+        type=int,
+        default=PART_SIZE,
+        help="bytes per read-ahead GET",
     )
     p.add_argument(
         "--kernel-readahead-kb",
@@ -289,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         max_size=args.cache_size,
         readahead_max=args.readahead_max,
         readahead_streams=max(1, args.readahead_streams),
+        part_size=max(MiB, args.readahead_part),
         upload=UploadConfig(
             multipart_threshold=args.multipart_threshold,
             part_size=args.part_size,

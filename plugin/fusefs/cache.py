@@ -49,8 +49,13 @@ MiB = 1 << 20
 INITIAL_WINDOW = MiB + 128 * 1024
 MAX_FORWARD = 16 * MiB
 MAX_BACKWARD = MiB
-#: Read-ahead part: fetches are cut at multiples of this (AWS and mountpoint-s3 use 8 MiB).
-PART_SIZE = 8 * MiB
+#: Read-ahead part: fetches are cut at multiples of this. AWS and mountpoint-s3 use 8 MiB;
+#: on a 2-core box per-GET CPU (botocore) matters more, and 32 MiB parts read 1 GiB from a
+#: loopback server 20-30% faster than 8 MiB ones.
+PART_SIZE = 32 * MiB
+#: What a sequential reader waits for when it reaches missing bytes: not a whole part, so
+#: the first bytes come quickly; read-ahead fetches the rest of the part meanwhile.
+NEEDED_CHUNK = 8 * MiB
 #: Ranged GETs in flight per file for read-ahead (needed bytes are always fetched).
 READAHEAD_STREAMS = 8
 
@@ -140,7 +145,7 @@ class ReadAhead:
             self.next_offset - MAX_BACKWARD <= offset <= self.next_offset + MAX_FORWARD
         )
         if seq:
-            self.window = min(max(self.window * 2, PART_SIZE), self.max_window)
+            self.window = min(max(self.window * 2, NEEDED_CHUNK), self.max_window)
             self.next_offset = max(self.next_offset, end)
         else:
             self.window = min(INITIAL_WINDOW, self.max_window)
@@ -324,8 +329,9 @@ class DataCache:
         need_end = min(end, entry.remote_size)
         if offset < need_end and not entry.present.covers(offset, need_end):
             if sequential:
-                # Whole parts: the rest of this one is needed soon anyway.
-                fetch_end = -(-need_end // self.part_size) * self.part_size
+                fetch_end = min(
+                    -(-need_end // self.part_size) * self.part_size, offset + NEEDED_CHUNK
+                )
             else:
                 fetch_end = offset + ra.window
             self._fetch_missing(entry, offset, max(need_end, fetch_end))

@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -449,6 +450,10 @@ def from_boto3_client(client: Any, bucket: str, **timeouts: float) -> HeadClient
         return None
     if style != "path" or creds is None or not endpoint or not region:
         return None
+    url = urlsplit(endpoint)
+    proxies = dict(getattr(meta.config, "proxies", None) or {}) or urllib.request.getproxies()
+    if url.scheme in proxies and not urllib.request.proxy_bypass(url.hostname or ""):
+        return None  # botocore goes through a proxy; this path would not
 
     def _credentials() -> tuple[str, str, str | None]:
         frozen = creds.get_frozen_credentials()

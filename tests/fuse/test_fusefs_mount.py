@@ -356,7 +356,7 @@ def test_failed_background_get_gives_eio_never_wrong_bytes(
     server = private_rclone_server
     # Two streams: read-ahead cannot have fetched the whole object before the server stops.
     m = mount_factory(server, extra=["--readahead-streams", "2"])
-    data = os.urandom(64 * MiB)
+    data = os.urandom(200 * MiB)
     put(m, "fail.bin", data)
     fd = os.open(m.path / "fail.bin", os.O_RDONLY)
     try:
@@ -379,7 +379,7 @@ def test_failed_background_get_gives_eio_never_wrong_bytes(
             if not chunk:
                 break
             pos += len(chunk)
-        assert errors == 1, "reading 64 MiB with the server down never failed"
+        assert errors == 1, "reading 200 MiB with the server down never failed"
         server.start()
         # A later read retries the GET and gets the right bytes.
         os.lseek(fd, 0, os.SEEK_SET)

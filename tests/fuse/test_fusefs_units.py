@@ -15,7 +15,7 @@ pyfuse3 = pytest.importorskip("pyfuse3")
 trio = pytest.importorskip("trio")
 
 from plugin.fusefs import errors  # noqa: E402
-from plugin.fusefs.cache import INITIAL_WINDOW, PART_SIZE, Ranges, ReadAhead  # noqa: E402
+from plugin.fusefs.cache import INITIAL_WINDOW, NEEDED_CHUNK, Ranges, ReadAhead  # noqa: E402
 from plugin.fusefs.fasthead import HeadClient, _parse_list  # noqa: E402
 from plugin.fusefs.inodes import (  # noqa: E402
     Attrs,
@@ -52,9 +52,9 @@ def test_readahead_grows_on_sequential_reads_and_resets_on_seek() -> None:
     assert not ra.observe(0, 128 * 1024)  # a first read proves nothing
     assert ra.window == INITIAL_WINDOW
     assert ra.observe(128 * 1024, 256 * 1024)
-    assert ra.window == PART_SIZE  # whole parts once sequential
+    assert ra.window == NEEDED_CHUNK  # megabytes ahead once sequential
     assert ra.observe(256 * 1024, 384 * 1024)
-    assert ra.window == 2 * PART_SIZE
+    assert ra.window == 2 * NEEDED_CHUNK
     # Slightly out of order (the kernel's async read-ahead) is still sequential.
     assert ra.observe(200 * 1024, 300 * 1024)
     for _ in range(10):
