@@ -11,23 +11,27 @@ from __future__ import annotations
 import argparse
 import ctypes
 import faulthandler
+import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from plugin import s3client
-from plugin.fusefs.cache import DataCache, MiB, UploadConfig
+from plugin.fusefs import fasthead
+from plugin.fusefs.cache import PART_SIZE, DataCache, MiB, UploadConfig
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
 from plugin.fusefs.operations import S3Operations
-from plugin.fusefs.store import ObjectStore
+from plugin.fusefs.store import LazyClient, ObjectStore
 from plugin.logs import LEVELS, setup_logging
 
 log = logging.getLogger(__name__)
@@ -84,8 +88,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--readahead-max",
         type=int,
-        default=64 * MiB,
+        default=8 * PART_SIZE,
         help="largest read-ahead window for sequential readers",
+    )
+    p.add_argument(
+        "--readahead-streams",
+        type=int,
+        default=8,
+        help="parallel ranged GETs (parts of --readahead-part) ahead of a sequential reader",
+    )
+    p.add_argument(
+        "--readahead-part",
+        type=int,
+        default=PART_SIZE,
+        help="bytes per read-ahead GET",
+    )
+    p.add_argument(
+        "--kernel-readahead-kb",
+        type=int,
+        default=4096,
+        help="the mount's BDI read_ahead_kb, so buffered readers send 1 MiB READs instead of "
+        "128 KiB ones (0: leave the kernel's default)",
     )
     p.add_argument(
         "--no-dir-markers",
@@ -94,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "files, such as rclone serve s3 on a directory)",
     )
     p.add_argument("--no-writeback-cache", action="store_true")
+    p.add_argument(
+        "--no-fast-head",
+        action="store_true",
+        help="HEAD objects through boto3 only (not the lighter signed-request path)",
+    )
     p.add_argument(
         "--retry-interval",
         type=float,
@@ -128,6 +156,31 @@ def _syncfs(path: str) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def set_kernel_readahead(mountpoint: str, kb: int) -> None:
+    """Raise the mount's BDI read-ahead: per-request overhead dominates a Python FUSE, and
+    the default 128 KiB makes eight times as many READs as 1 MiB. Best effort (needs root);
+    reads /proc/self/mountinfo, because a stat of our own mount could wait on ourselves."""
+    if kb <= 0:
+        return
+    try:
+        dev = None
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4 and _unescape_mountinfo(fields[4]) == mountpoint:
+                dev = fields[2]  # the last match is the mount on top
+        if dev is None:
+            log.debug("no mountinfo entry for %s; read-ahead left alone", mountpoint)
+            return
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
+        log.debug("read_ahead_kb of %s (bdi %s) set to %d", mountpoint, dev, kb)
+    except OSError as exc:
+        log.info("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
+
+
 async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
     """SIGTERM/SIGINT: push the kernel's dirty pages to us, upload them, then stop.
 
@@ -146,9 +199,60 @@ async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
             return
 
 
-async def _run(fs: S3Filesystem, mountpoint: str, ready_fd: int | None) -> int:
+def _build_client(args: argparse.Namespace) -> Any:
+    """Import boto3, build the client and prove that it works. Blocking: a worker thread."""
+    from plugin import s3client
+
+    settings = s3client.S3Settings(
+        endpoint_url=args.endpoint,
+        region=args.region,
+        profile=args.profile,
+        credentials_file=args.credentials_file,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        max_attempts=args.max_attempts,
+        max_pool_connections=32 + 4 * args.upload_concurrency,
+    )
+    client = s3client.make_s3_client(settings)
+    # Bad credentials or bucket fail here with S3's own message (and exit status 2), not as
+    # EIO on the first ls.
+    client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
+    return client
+
+
+async def _connect(
+    args: argparse.Namespace, store: ObjectStore, lazy: LazyClient, failed: list[str]
+) -> None:
+    """Build the S3 client after the mount is live; on failure stop with status 2."""
+    try:
+        client = await trio.to_thread.run_sync(_build_client, args)
+    except Exception as exc:
+        log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
+        failed.append(str(exc))
+        lazy.fail(str(exc))
+        pyfuse3.terminate()
+        return
+    if not args.no_fast_head:
+        store.fast_head = fasthead.from_boto3_client(
+            client,
+            args.bucket,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+        )
+    lazy.set(client)
+    log.debug("S3 client ready")
+
+
+async def _run(
+    fs: S3Filesystem,
+    mountpoint: str,
+    ready_fd: int | None,
+    connect: Callable[[list[str]], Awaitable[None]],
+) -> int:
+    startup_failed: list[str] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, fs, mountpoint)
+        nursery.start_soon(connect, startup_failed)
         nursery.start_soon(fs.retry_failed_uploads)
         if ready_fd is not None:
             try:
@@ -158,11 +262,14 @@ async def _run(fs: S3Filesystem, mountpoint: str, ready_fd: int | None) -> int:
         log.info("mounted s3://%s/%s at %s", fs.store.bucket, fs.prefix, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    # Even after a failed start: files written meanwhile get journaled, not forgotten.
     failed = await fs.flush_all()
     if failed:
         log.error(
             "%d file(s) could not be uploaded; their data is kept in %s", failed, fs.cache.cache_dir
         )
+    if startup_failed:
+        return 2
     return 1 if failed else 0
 
 
@@ -176,33 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)
     mountpoint = os.path.abspath(args.mountpoint)
 
-    settings = s3client.S3Settings(
-        endpoint_url=args.endpoint,
-        region=args.region,
-        profile=args.profile,
-        credentials_file=args.credentials_file,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        max_attempts=args.max_attempts,
-        max_pool_connections=32 + 4 * args.upload_concurrency,
-    )
-    try:
-        client = s3client.make_s3_client(settings)
-        # A plain call before mounting: bad credentials or bucket fail here, with S3's
-        # message and exit status 2, not as EIO on the first ls.
-        client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
-    except Exception as exc:
-        log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
-        return 2
-
+    # The boto3 client is built (and the bucket checked) only once the mount is live: the
+    # imports alone cost hundreds of ms. Until then S3 calls wait in their worker threads.
     temp_cache = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="stowage-fusefs-")) if temp_cache else args.cache_dir
-    store = ObjectStore(client, args.bucket)
+    lazy = LazyClient()
+    store = ObjectStore(lazy, args.bucket)
     cache = DataCache(
         store,
         cache_dir,
         max_size=args.cache_size,
         readahead_max=args.readahead_max,
+        readahead_streams=max(1, args.readahead_streams),
+        part_size=max(MiB, args.readahead_part),
         upload=UploadConfig(
             multipart_threshold=args.multipart_threshold,
             part_size=args.part_size,
@@ -231,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     fs.pending_journals = pending
-    ops = S3Operations(fs, writeback_cache=not args.no_writeback_cache)
+    ops = S3Operations(
+        fs,
+        writeback_cache=not args.no_writeback_cache,
+        on_first_open=lambda: set_kernel_readahead(mountpoint, args.kernel_readahead_kb),
+    )
 
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {f"fsname=stowage:{args.bucket}", "subtype=stowage", "allow_other"}
@@ -246,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         cache.close_dir()
         return 2
     try:
-        status = trio.run(_run, fs, mountpoint, args.ready_fd)
+        status = trio.run(
+            _run,
+            fs,
+            mountpoint,
+            args.ready_fd,
+            functools.partial(_connect, args, store, lazy),
+        )
     except BaseException:
         log.exception("filesystem loop failed")
         pyfuse3.close(unmount=False)

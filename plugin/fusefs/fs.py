@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Parallel server-side copies while renaming a directory.
 RENAME_CONCURRENCY = 16
+#: Parallel HEADs while listing a directory (the store's thread limiter caps them too).
+LIST_HEAD_CONCURRENCY = 32
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC
 
@@ -510,25 +512,42 @@ class S3Filesystem:
             dh.token = page.next_token
             page_files, page_dirs = page.files, page.dirs
         dkey = self.dir_key(node.path)
+        new_dirs: list[str] = []
         for p in page_dirs:
             name = p[len(dkey) :].rstrip("/")
             if name and name not in dh.seen:
                 dh.seen.add(name)
-                child = self.inodes.upsert(
-                    join(node.path, name), self._dir_attrs(None), meta_loaded=False
-                )
-                dh.entries.append((name, child))
+                new_dirs.append(name)
+        new_files: list[tuple[str, ObjectInfo]] = []
         for info in page_files:
             name = info.key[len(dkey) :]
             if not name or "/" in name or name in dh.seen:
                 continue  # the directory's own marker
             dh.seen.add(name)
-            child = self.inodes.upsert(
-                join(node.path, name),
-                self._file_attrs(info, meta=False),
-                meta_loaded=False,
-                etag=info.etag,
-            )
+            new_files.append((name, info))
+        heads = await self._head_many(node.path, new_dirs, new_files)
+        for name in new_dirs:
+            path = join(node.path, name)
+            marker = heads.get(path, False)
+            if marker is False:  # not asked, or the HEAD failed: the kernel must ask again
+                child = self.inodes.upsert(path, self._dir_attrs(None), meta_loaded=False)
+            else:
+                assert not isinstance(marker, bool)
+                child = self.inodes.upsert(
+                    path, self._dir_attrs(marker), meta_loaded=True, has_marker=marker is not None
+                )
+            dh.entries.append((name, child))
+        for name, info in new_files:
+            path = join(node.path, name)
+            full = heads.get(path)
+            if isinstance(full, ObjectInfo):
+                child = self.inodes.upsert(
+                    path, self._file_attrs(full, meta=True), meta_loaded=True, etag=full.etag
+                )
+            else:
+                child = self.inodes.upsert(
+                    path, self._file_attrs(info, meta=False), meta_loaded=False, etag=info.etag
+                )
             dh.entries.append((name, child))
         if dh.token is None:
             # New files not uploaded yet and marker-less empty directories.
@@ -538,6 +557,54 @@ class S3Filesystem:
                     dh.seen.add(name)
                     dh.entries.append((name, child))
             dh.done = True
+
+    async def _head_many(
+        self, dir_path: str, dirs: list[str], files: list[tuple[str, ObjectInfo]]
+    ) -> dict[str, ObjectInfo | bool | None]:
+        """HEAD a listing page's entries in parallel: s3fs keeps mode/owner/mtime in user
+        metadata that ListObjectsV2 does not return, and with it the kernel may cache the
+        entries for `metadata_ttl` instead of sending one LOOKUP (one HEAD) per `stat`.
+
+        Returns path -> ObjectInfo (files, directory markers), None (no marker) or False
+        (not fetched). Fresh nodes are not asked again; failures only cost the TTL.
+        """
+        out: dict[str, ObjectInfo | bool | None] = {}
+        jobs: list[tuple[str, str, bool]] = []
+        for name in dirs:
+            path = join(dir_path, name)
+            known = self.inodes.find(path)
+            if known is not None and (known.local_only or known.is_fresh(self.ttl)):
+                continue
+            if self.config.dir_markers:
+                jobs.append((path, self.dir_key(path), True))
+            else:
+                # No markers on this server: a directory has nothing to HEAD.
+                out[path] = None
+        for name, info in files:
+            path = join(dir_path, name)
+            known = self.inodes.find(path)
+            if (
+                known is not None
+                and known.is_fresh(self.ttl)
+                and known.etag == info.etag
+                and not known.replaced
+            ):
+                continue
+            jobs.append((path, info.key, False))
+        if not jobs or self.ttl <= 0:
+            return out
+        started = time.monotonic()
+        answers = await self.store.head_many(
+            [key for _, key, _ in jobs], concurrency=LIST_HEAD_CONCURRENCY
+        )
+        log.debug("listing %s: %d HEADs in %.3f s", dir_path, len(jobs), time.monotonic() - started)
+        for (path, key, is_dir), answer in zip(jobs, answers, strict=True):
+            if isinstance(answer, FsError):
+                log.debug("HEAD %s while listing failed: %s", key, answer)
+            elif answer is not None or is_dir:
+                out[path] = answer
+            # else: deleted since the listing; the listing's guess stays unconfirmed
+        return out
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

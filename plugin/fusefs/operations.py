@@ -83,10 +83,20 @@ class S3Operations(pyfuse3.Operations):
     # in the kernel; dirty pages are written back before FLUSH, so close() still sees errors.
     enable_writeback_cache = True
 
-    def __init__(self, fs: S3Filesystem, *, writeback_cache: bool = True) -> None:
+    def __init__(
+        self,
+        fs: S3Filesystem,
+        *,
+        writeback_cache: bool = True,
+        on_first_open: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.enable_writeback_cache = writeback_cache
+        #: Runs once, at the first open: only after INIT has been answered (the kernel
+        #: resets the BDI read-ahead from its INIT reply) and before any file's read-ahead
+        #: state is set up.
+        self._on_first_open = on_first_open
 
     @property
     def _ttl(self) -> float:
@@ -208,6 +218,9 @@ class S3Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         log.debug("open %d flags=%#o", inode, flags)
+        if self._on_first_open is not None:
+            hook, self._on_first_open = self._on_first_open, None
+            hook()
         fh, keep = await self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 

@@ -15,7 +15,8 @@ pyfuse3 = pytest.importorskip("pyfuse3")
 trio = pytest.importorskip("trio")
 
 from plugin.fusefs import errors  # noqa: E402
-from plugin.fusefs.cache import INITIAL_WINDOW, Ranges, ReadAhead  # noqa: E402
+from plugin.fusefs.cache import INITIAL_WINDOW, NEEDED_CHUNK, Ranges, ReadAhead  # noqa: E402
+from plugin.fusefs.fasthead import HeadClient, _parse_list  # noqa: E402
 from plugin.fusefs.inodes import (  # noqa: E402
     Attrs,
     Defaults,
@@ -47,16 +48,60 @@ def test_ranges_merge_clip_and_gaps() -> None:
 
 
 def test_readahead_grows_on_sequential_reads_and_resets_on_seek() -> None:
-    ra = ReadAhead(max_window=16 * MiB)
-    assert ra.window_for(0) == INITIAL_WINDOW
-    ra.note_read(0, 128 * 1024)
-    assert ra.window_for(128 * 1024) == 2 * INITIAL_WINDOW
-    ra.note_read(128 * 1024, 256 * 1024)
-    assert ra.window_for(256 * 1024) == 4 * INITIAL_WINDOW
+    ra = ReadAhead(max_window=64 * MiB)
+    assert not ra.observe(0, 128 * 1024)  # a first read proves nothing
+    assert ra.window == INITIAL_WINDOW
+    assert ra.observe(128 * 1024, 256 * 1024)
+    assert ra.window == NEEDED_CHUNK  # megabytes ahead once sequential
+    assert ra.observe(256 * 1024, 384 * 1024)
+    assert ra.window == 2 * NEEDED_CHUNK
+    # Slightly out of order (the kernel's async read-ahead) is still sequential.
+    assert ra.observe(200 * 1024, 300 * 1024)
     for _ in range(10):
-        ra.window_for(ra.next_offset)
-    assert ra.window == 16 * MiB
-    assert ra.window_for(900 * MiB) == INITIAL_WINDOW
+        ra.observe(ra.next_offset, ra.next_offset + MiB)
+    assert ra.window == 64 * MiB
+    ra.ahead_end = 90 * MiB
+    assert not ra.observe(900 * MiB, 901 * MiB)
+    assert ra.window == INITIAL_WINDOW
+    assert ra.ahead_end == 0
+
+
+def test_fast_list_parse_decodes_url_encoded_names_like_botocore() -> None:
+    body = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>d%2F</Prefix><EncodingType>url</EncodingType>
+  <IsTruncated>true</IsTruncated><NextContinuationToken>tok+/=</NextContinuationToken>
+  <Contents><Key>d/a+b%25c%C3%BC</Key><LastModified>2026-11-23T14:36:34.500Z</LastModified>
+    <ETag>"abc"</ETag><Size>42</Size></Contents>
+  <CommonPrefixes><Prefix>d/sub+dir/</Prefix></CommonPrefixes>
+</ListBucketResult>"""
+    r = _parse_list(body)
+    assert r["Contents"] == [
+        {
+            "Key": "d/a b%c\u00fc",
+            "Size": 42,
+            "ETag": '"abc"',
+            "LastModifiedNs": 1_795_444_594_500_000_000,
+        }
+    ]
+    assert r["CommonPrefixes"] == [{"Prefix": "d/sub dir/"}]
+    assert r["IsTruncated"] is True
+    assert r["NextContinuationToken"] == "tok+/="  # tokens are opaque, never decoded
+
+
+def test_fast_request_signing_is_deterministic_and_encodes_the_query() -> None:
+    hc = HeadClient("http://127.0.0.1:9000", "bkt", "us-east-1", lambda: ("AK", "SK", None))
+    req = hc.request_bytes(
+        "", now=0, method="GET", query={"prefix": "a b/", "list-type": "2", "delimiter": "/"}
+    )
+    first = req.split(b"\r\n", 1)[0]
+    assert first == b"GET /bkt?delimiter=%2F&list-type=2&prefix=a%20b%2F HTTP/1.1"
+    assert req == hc.request_bytes(
+        "", now=0, method="GET", query={"delimiter": "/", "list-type": "2", "prefix": "a b/"}
+    )
+    head = hc.request_bytes("dir/f +ü", now=0)
+    assert head.startswith(b"HEAD /bkt/dir/f%20%2B%C3%BC HTTP/1.1\r\n")
+    assert b"Credential=AK/19700101/us-east-1/s3/aws4_request" in head
 
 
 def test_s3fs_metadata_round_trip() -> None:
