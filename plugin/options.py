@@ -6,6 +6,7 @@ so `-o read-only=true` and `-o readonly=true` are not two different things to a 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -61,6 +62,19 @@ def parse_mode(value: str) -> int:
     if not 0 <= mode <= 0o7777:
         raise ValueError(f"mode {value!r} is out of range (0000-7777)")
     return mode
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str) -> int:
+    """A byte count: plain, or with a binary K/M/G/T suffix (`512M`, `1.5GiB`, `8mb`), the
+    way rsync and rclone read them; shared by volume options and `stowage cp` flags."""
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 def check_url(value: str) -> str:

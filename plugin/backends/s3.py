@@ -21,7 +21,15 @@ from plugin.backends.credentials import CredentialsFile
 from plugin.backends.fuseproc import FuseProcess, FuseStartError
 from plugin.errors import BackendError, InvalidOptionError, MountError
 from plugin.names import encode_name
-from plugin.options import OptionSpec, check_text, check_url, parse_bool, parse_id, parse_mode
+from plugin.options import (
+    OptionSpec,
+    check_text,
+    check_url,
+    parse_bool,
+    parse_id,
+    parse_mode,
+    parse_size,
+)
 from plugin.records import VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -33,18 +41,6 @@ CHECK_READ_TIMEOUT_S = 5.0
 MOUNT_TIMEOUT_S = 25.0
 #: How long Unmount waits for dirty data to upload; Docker gives Unmount one minute.
 UNMOUNT_TIMEOUT_S = 50.0
-
-_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: str) -> int:
-    """A byte count with an optional K/M/G/T suffix (binary), e.g. 512M."""
-    text = value.strip().lower().removesuffix("ib").removesuffix("b")
-    suffix = text[-1:] if text[-1:] in _SIZE_SUFFIXES else ""
-    number = text[: len(text) - len(suffix)]
-    if not number.isdigit():
-        raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
-    return int(number) * _SIZE_SUFFIXES[suffix]
 
 
 def parse_seconds(value: str) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 from plugin.backends.credentials import CredentialsFile
 from plugin.errors import BackendError, InvalidOptionError, MountError
-from plugin.options import OptionSpec, check_text, check_url, parse_bool
+from plugin.options import OptionSpec, check_text, check_url, parse_bool, parse_size
 from plugin.records import VolumeRecord
 from plugin.staging.engine import CopyOptions, S3Options, copy
 from plugin.staging.errors import SourceNotFoundError, StagingError
@@ -92,8 +92,6 @@ def parse_timeout(value: str) -> float:
 
 
 def parse_rate(value: str) -> int:
-    from plugin.backends.s3 import parse_size
-
     rate = parse_size(value)
     if rate < 1024:
         raise ValueError("expected at least 1K bytes per second")

@@ -221,16 +221,20 @@ def _build_client(args: argparse.Namespace) -> Any:
 
 
 async def _connect(
-    args: argparse.Namespace, store: ObjectStore, lazy: LazyClient, failed: list[str]
+    args: argparse.Namespace,
+    store: ObjectStore,
+    lazy: LazyClient,
+    failed: list[str],
+    done: trio.Event,
 ) -> None:
-    """Build the S3 client after the mount is live; on failure stop with status 2."""
+    """Build the S3 client and check the bucket; sets *done* either way, *failed* on error."""
     try:
         client = await trio.to_thread.run_sync(_build_client, args)
     except Exception as exc:
         log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
         failed.append(str(exc))
         lazy.fail(str(exc))
-        pyfuse3.terminate()
+        done.set()
         return
     if not args.no_fast_head:
         store.fast_head = fasthead.from_boto3_client(
@@ -241,35 +245,42 @@ async def _connect(
         )
     lazy.set(client)
     log.debug("S3 client ready")
+    done.set()
 
 
 async def _run(
     fs: S3Filesystem,
     mountpoint: str,
     ready_fd: int | None,
-    connect: Callable[[list[str]], Awaitable[None]],
+    connect: Callable[[list[str], trio.Event], Awaitable[None]],
 ) -> int:
+    """Ready is signalled only once the bucket answered: a Mount with bad credentials or a
+    dead endpoint then fails with S3's message in Docker's error, instead of handing the
+    container a mount that dies a moment later. (The imports behind it are most of a
+    mount's latency; they are the price of that error.)"""
     startup_failed: list[str] = []
+    connected = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, fs, mountpoint)
-        nursery.start_soon(connect, startup_failed)
-        nursery.start_soon(fs.retry_failed_uploads)
-        if ready_fd is not None:
-            try:
-                os.write(ready_fd, b"ready\n")
-            finally:
-                os.close(ready_fd)
-        log.info("mounted s3://%s/%s at %s", fs.store.bucket, fs.prefix, mountpoint)
-        await pyfuse3.main()
+        nursery.start_soon(connect, startup_failed, connected)
+        await connected.wait()
+        if not startup_failed:
+            nursery.start_soon(fs.retry_failed_uploads)
+            if ready_fd is not None:
+                try:
+                    os.write(ready_fd, b"ready\n")
+                finally:
+                    os.close(ready_fd)
+            log.info("mounted s3://%s/%s at %s", fs.store.bucket, fs.prefix, mountpoint)
+            await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    # Even after a failed start: files written meanwhile get journaled, not forgotten.
+    if startup_failed:
+        return 2
     failed = await fs.flush_all()
     if failed:
         log.error(
             "%d file(s) could not be uploaded; their data is kept in %s", failed, fs.cache.cache_dir
         )
-    if startup_failed:
-        return 2
     return 1 if failed else 0
 
 
@@ -283,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)
     mountpoint = os.path.abspath(args.mountpoint)
 
-    # The boto3 client is built (and the bucket checked) only once the mount is live: the
-    # imports alone cost hundreds of ms. Until then S3 calls wait in their worker threads.
+    # The boto3 client is built (and the bucket checked) in a worker thread while the loop
+    # starts; S3 calls wait for it in their worker threads, and ready waits for the check.
     temp_cache = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="stowage-fusefs-")) if temp_cache else args.cache_dir
     lazy = LazyClient()

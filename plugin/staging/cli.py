@@ -8,32 +8,29 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import signal
 import sys
 import threading
 from types import FrameType
 from typing import Any, TextIO
 
+from plugin.options import parse_size
 from plugin.staging.engine import DEFAULT_CHUNK_SIZE, CopyOptions, S3Options, copy
 from plugin.staging.errors import StagingError
 from plugin.staging.progress import Progress
 
 log = logging.getLogger(__name__)
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 
 #: Exit codes: 1 some files failed, 2 nothing could be copied (usage, endpoint), 130 cancelled.
 EXIT_PARTIAL, EXIT_FAILED, EXIT_CANCELLED = 1, 2, 130
 
 
-def parse_size(text: str) -> int:
-    """'8M', '8MiB', '512k', '1g' or plain bytes; binary multiples (rsync, rclone style)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8M, 512K, 1G)")
-    unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * unit)
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -52,11 +49,11 @@ def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=8, help="parallel transfers (default 8)")
     p.add_argument(
         "--chunk-size",
-        type=parse_size,
+        type=_size_arg,
         default=DEFAULT_CHUNK_SIZE,
         help="chunk / multipart part size, e.g. 8M (default 8M; parts are at least 5M)",
     )
-    p.add_argument("--bwlimit", type=parse_size, help="bandwidth limit in bytes/s, e.g. 50M")
+    p.add_argument("--bwlimit", type=_size_arg, help="bandwidth limit in bytes/s, e.g. 50M")
     p.add_argument("--endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000")
     p.add_argument("--region", help="S3 region (default us-east-1)")
     p.add_argument("--profile", help="AWS profile from the shared config/credentials files")

@@ -520,32 +520,43 @@ def test_credentials_from_named_profile_not_argv(
     assert SECRET_KEY not in " ".join(m.proc.args)  # type: ignore[arg-type]
 
 
-def test_bad_credentials_end_the_process_with_status_2(
+def test_bad_credentials_fail_before_ready_with_status_2(
     fuse_available: None, rclone_server: S3Server, tmp_path: Path
 ) -> None:
-    """rclone checks signatures (moto does not), so a wrong secret is refused at startup.
-    The mount goes live before the client is built (mount latency); the failed check then
-    unmounts and exits with S3's message."""
+    """rclone checks signatures (moto does not), so a wrong secret is refused at startup:
+    ready is never signalled (so the daemon's Mount fails with this output), the mount is
+    gone, and the exit status is 2 with S3's message."""
     env = aws_env()
     env["AWS_SECRET_ACCESS_KEY"] = "wrong"
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
+    read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "plugin.fusefs", "--endpoint", rclone_server.endpoint]
-    cmd += ["--bucket", rclone_server.new_bucket(), "--max-attempts", "1", str(mountpoint)]
+    cmd += ["--bucket", rclone_server.new_bucket(), "--max-attempts", "1"]
+    cmd += ["--ready-fd", str(write_end), str(mountpoint)]
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        pass_fds=(write_end,),
     )
+    os.close(write_end)
     left_mounted = True
     try:
         out, _ = proc.communicate(timeout=60)
         left_mounted = os.path.ismount(mountpoint)
+        signalled = os.read(read_end, 64)
     finally:
+        os.close(read_end)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if os.path.ismount(mountpoint):
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
     assert proc.returncode == 2, out
+    assert signalled == b"", "ready must not be signalled before the bucket answered"
     assert b"cannot access" in out
     assert not left_mounted
 

@@ -12,7 +12,7 @@ from harness import s3servers
 from harness.s3servers import S3Server
 from s3kit import DriverFactory, s3_options
 
-from plugin.errors import BackendError, InvalidOptionError, VolumeNotFoundError
+from plugin.errors import BackendError, InvalidOptionError, MountError, VolumeNotFoundError
 
 pytestmark = [pytest.mark.s3, pytest.mark.fuse]
 
@@ -250,3 +250,21 @@ def test_daemon_default_endpoint_is_stored_with_the_volume(
     # A later default does not re-point the existing volume.
     other = make_driver(s3_endpoint=dead)
     assert other.get("v").status["options"]["endpoint"] == rclone_server.endpoint
+
+
+def test_mount_with_credentials_refused_fails_with_s3s_message(
+    make_driver: DriverFactory, rclone_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials that worked at Create but not at Mount (rotated, revoked): the Mount call
+    fails with S3's answer, and the next Mount with good credentials works."""
+    bucket = rclone_server.new_bucket()
+    driver = make_driver()
+    driver.create("v", s3_options(rclone_server, bucket))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rotated-away")
+    with pytest.raises(MountError, match=f"cannot access s3://{bucket}"):
+        driver.mount("v", ID1)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3servers.SECRET_KEY)
+    mountpoint = Path(driver.mount("v", ID1))
+    (mountpoint / "f").write_text("ok")
+    driver.unmount("v", ID1)
+    assert rclone_server.client().head_object(Bucket=bucket, Key="f")["ContentLength"] == 2

@@ -2,7 +2,14 @@ import pytest
 
 from plugin.backends.local import LocalBackend
 from plugin.errors import InvalidOptionError
-from plugin.options import check_options, parse_bool, parse_id, parse_mode, split_backend
+from plugin.options import (
+    check_options,
+    parse_bool,
+    parse_id,
+    parse_mode,
+    parse_size,
+    split_backend,
+)
 
 BACKENDS = ["local", "s3"]
 
@@ -64,3 +71,18 @@ def test_value_parsers() -> None:
     assert parse_mode("0755") == parse_mode("755") == parse_mode("0o755") == 0o755
     assert parse_id("1000") == 1000
     assert parse_bool("TRUE") and parse_bool("yes") and not parse_bool("0")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("512K", 512 << 10), ("8M", 8 << 20), ("8MiB", 8 << 20), ("8mb", 8 << 20),
+     ("1.5G", 3 << 29), (" 2T ", 2 << 40)],
+)  # fmt: skip
+def test_sizes_read_like_rsync_and_rclone(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1M", "12X", "1e3", "8 M B"])
+def test_bad_sizes_name_the_value(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a size such as 512M"):
+        parse_size(text)
