@@ -454,9 +454,10 @@ class _Copier:
     def _run_workers(self) -> None:
         n = max(1, self.opts.jobs)
         if isinstance(self.src, LocalLocation) and isinstance(self.dst, LocalLocation):
-            # Local copies are syscall-bound: more threads than cores only add GIL and
-            # inode-lock contention (measured: 8 threads slower than 2 on 2 cores).
-            n = min(n, LOCAL_JOBS_MAX, os.cpu_count() or 1)
+            # Local copies are syscall-bound and the kernel does the copying: threads beyond
+            # the cores left to it only add GIL and inode-lock contention (measured on 2 cores,
+            # 10,000 x 4 KiB: 1 thread 0.45 s, 2 threads 1.26 s, 8 threads 1.96 s).
+            n = min(n, LOCAL_JOBS_MAX, max(1, (os.cpu_count() or 1) - 1))
         threads = [
             threading.Thread(target=self._worker, name=f"stowage-copy-{i}", daemon=True)
             for i in range(n)
