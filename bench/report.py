@@ -8,8 +8,12 @@ records the command that produced it.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
+import platform
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -69,3 +73,33 @@ def replace_section(path: str | Path, name: str, markdown: str, command: str) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cpu_model() -> str:
+    """The CPU's model name for the machine table ("?" if /proc/cpuinfo has none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def repo_commit(repo: Path) -> str:
+    """Short HEAD, marked when the tree has uncommitted changes: results belong to code."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(repo)]
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+        return rev.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+    return "?"
+
+
+def machine_basics() -> dict[str, str]:
+    """The first rows of every benchmark's machine table."""
+    return {
+        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
+        "nproc": str(os.cpu_count()),
+        "CPU": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }

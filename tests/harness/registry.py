@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness.s3servers import die_with_parent, free_port
+from harness.s3servers import die_with_parent, free_port, stop_child
 
 BINARY = "docker-registry"
 #: Straight to loopback, whatever *_proxy the environment has.
@@ -72,11 +72,4 @@ class Registry:
         raise RuntimeError(f"registry did not answer within {timeout}s: {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_child(self.proc)

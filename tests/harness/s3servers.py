@@ -38,6 +38,18 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
     ctypes.CDLL(None).prctl(pr_set_pdeathsig, signum)
 
 
+def stop_child(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a server the harness started, SIGKILL if it lingers; no-op if already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,14 +147,7 @@ class S3Server:
         raise RuntimeError(f"{self.kind} server did not answer within {timeout}s")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_child(self.proc)
 
     def client(self, **config: Any) -> Any:
         import boto3
