@@ -45,6 +45,7 @@ from harness.s3servers import (  # noqa: E402
     aws_env,
     die_with_parent,
     free_port,
+    stop_child,
 )
 from report import machine_basics, replace_section, repo_commit  # noqa: E402
 
@@ -111,17 +112,6 @@ def fuse_unmount(path: Path) -> None:
         if not is_mount(path):
             return
         subprocess.run(["fusermount3", *flags, str(path)], capture_output=True, check=False)
-
-
-def stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float, **kw: Any) -> float:
@@ -246,7 +236,7 @@ class MountSpec:
         finally:
             os.close(rfd)
         if answer != b"ready\n":
-            stop_proc(proc, 10)
+            stop_child(proc, 10)
             raise RuntimeError(f"stowage not ready: {log_path.read_text(errors='replace')[-2000:]}")
         return proc, t_ready
 
@@ -317,7 +307,7 @@ class MountProc:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
         fuse_unmount(self.path)
-        stop_proc(self.proc, 30)
+        stop_child(self.proc, 30)
         fuse_unmount(self.path)
 
 
@@ -649,7 +639,7 @@ class Bench:
         except Exception as exc:
             self.res.errors.append(f"daemon mount: {str(exc)[:300]}")
         finally:
-            stop_proc(proc, 30)
+            stop_child(proc, 30)
             for mnt in sorted((root / "mounts").glob("*")) if (root / "mounts").exists() else []:
                 fuse_unmount(mnt)
 
