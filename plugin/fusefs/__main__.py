@@ -32,6 +32,7 @@ from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
 from plugin.fusefs.operations import S3Operations
 from plugin.fusefs.store import LazyClient, ObjectStore
+from plugin.fusefs.stream import STREAM_BUFFERS, STREAM_PART
 from plugin.logs import LEVELS, setup_logging
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=PART_SIZE,
         help="bytes per read-ahead GET",
+    )
+    p.add_argument(
+        "--stream-buffers",
+        type=int,
+        default=STREAM_BUFFERS,
+        help=f"{STREAM_PART // MiB} MiB memory buffers that sequential readers of unchanged "
+        "files are served from, bypassing the cache file (0: always read through the cache file)",
     )
     p.add_argument(
         "--kernel-readahead-kb",
@@ -307,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         readahead_max=args.readahead_max,
         readahead_streams=max(1, args.readahead_streams),
         part_size=max(MiB, args.readahead_part),
+        stream_buffers=max(0, args.stream_buffers),
         upload=UploadConfig(
             multipart_threshold=args.multipart_threshold,
             part_size=args.part_size,

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from plugin.fusefs.errors import FsError, RemoteError, StaleError, UploadFailedError
+from plugin.fusefs.stream import STREAM_BUFFERS, STREAM_PART, BufferPool, MemPart, Stream
 
 if TYPE_CHECKING:
     from plugin.fusefs.inodes import Node
@@ -58,6 +59,15 @@ PART_SIZE = 64 * MiB
 NEEDED_CHUNK = 8 * MiB
 #: Ranged GETs in flight per file for read-ahead (needed bytes are always fetched).
 READAHEAD_STREAMS = 8
+
+
+def _fetch_error(entry: CacheEntry, err: Exception) -> RemoteError:
+    """What a reader gets for a failed GET: stale stays stale, anything else is remote."""
+    if isinstance(err, StaleError):
+        return StaleError(str(err))
+    if isinstance(err, FsError):
+        return RemoteError(str(err))
+    return RemoteError(f"fetch of {entry.remote_key} failed: {err}")
 
 
 class Ranges:
@@ -196,11 +206,20 @@ class CacheEntry:
         self.closed = False
         #: Ranged GETs writing into `fd` right now (a handful at most).
         self.fetches: list[Fetch] = []
+        #: Memory parts of a sequential reader (see stream.py); None when not streaming.
+        self.stream: Stream | None = None
+
+    def end_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.drop_all()
+            self.stream.pool.trim()
+            self.stream = None
 
     def close(self, *, keep_file: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
+        self.end_stream()
         if not keep_file:
             for p in (self.data_path, self.journal_path):
                 with contextlib.suppress(FileNotFoundError):
@@ -264,6 +283,8 @@ class DataCache:
         upload: UploadConfig,
         readahead_streams: int = READAHEAD_STREAMS,
         part_size: int = PART_SIZE,
+        stream_part: int = STREAM_PART,
+        stream_buffers: int = STREAM_BUFFERS,
     ) -> None:
         self.store = store
         self.cache_dir = cache_dir
@@ -273,6 +294,8 @@ class DataCache:
         self.part_size = part_size
         self.upload_config = upload
         self._lock_fd: int | None = None
+        #: Buffers for streamed reads; zero buffers turns streaming off.
+        self.stream_pool = BufferPool(stream_part, stream_buffers)
 
     def open_dir(self) -> list[dict[str, object]]:
         """Lock the cache directory and return the journals of uploads left by a previous run.
@@ -320,27 +343,129 @@ class DataCache:
     def read_ahead(self) -> ReadAhead:
         return ReadAhead(max_window=self.readahead_max)
 
-    async def read(self, entry: CacheEntry, offset: int, size: int, ra: ReadAhead) -> bytes:
+    async def read(
+        self, entry: CacheEntry, offset: int, size: int, ra: ReadAhead
+    ) -> bytes | memoryview:
         entry.last_used = time.monotonic()
         end = min(offset + size, entry.size)
         if offset >= end:
             return b""
         sequential = ra.observe(offset, end)
+        stream = self._stream_for(entry, end, sequential=sequential)
+        if stream is not None:
+            streamed = await self._read_streamed(entry, stream, offset, end, sequential=sequential)
+            if streamed is not None:
+                return streamed
+        # A read the stream could not serve (a piece before it began, no buffer free): the
+        # cache file gets what this read needs, and the parts ahead keep streaming.
+        streaming = stream is not None and bool(stream.parts)
         need_end = min(end, entry.remote_size)
         if offset < need_end and not entry.present.covers(offset, need_end):
-            if sequential:
+            if streaming:
+                fetch_end = need_end
+            elif sequential:
                 fetch_end = min(
                     -(-need_end // self.part_size) * self.part_size, offset + NEEDED_CHUNK
                 )
             else:
                 fetch_end = offset + ra.window
             self._fetch_missing(entry, offset, max(need_end, fetch_end))
-        if sequential:
+        if sequential and not streaming:
             # Before waiting: the parts ahead download while this one completes.
             self._read_ahead(entry, ra, end)
         if offset < need_end:
             await self._ensure(entry, offset, need_end)
         return os.pread(entry.fd, end - offset, offset)
+
+    def _stream_for(self, entry: CacheEntry, end: int, *, sequential: bool) -> Stream | None:
+        """The entry's stream if this read may use one, started for a sequential reader."""
+        if entry.dirty:
+            entry.end_stream()  # local bytes live only in the cache file
+            return None
+        if entry.remote_key is None or end > entry.remote_size or self.stream_pool.count == 0:
+            return None
+        if entry.stream is None and sequential:
+            entry.stream = Stream(self.stream_pool, self.stream_pool.size)
+        return entry.stream
+
+    async def _read_streamed(
+        self, entry: CacheEntry, stream: Stream, offset: int, end: int, *, sequential: bool
+    ) -> bytes | memoryview | None:
+        """Serve `[offset, end)` from memory parts, or None for the cache-file path."""
+        indices = stream.index_range(offset, end)
+        parts = [stream.parts.get(i) for i in indices]
+        if None in parts:
+            if not sequential:
+                return None
+            if not entry.uncovered(offset, end):
+                # The cache file has, or is getting, these bytes (a first read); what
+                # follows them comes through the stream.
+                gaps = entry.uncovered(end, entry.remote_size)
+                if gaps:
+                    first = gaps[0][0] // stream.part_size
+                    self._stream_ahead(entry, stream, first, reader=first)
+                return None
+            for i, part in zip(indices, parts, strict=True):
+                if part is None and self._start_part(entry, stream, i, indices[0]) is None:
+                    return None  # no buffer free: other streams hold them all
+            parts = [stream.parts[i] for i in indices]
+        self._stream_ahead(entry, stream, indices[-1] + 1, reader=indices[0])
+        ready = [p for p in parts if p is not None]
+        for part in ready:
+            await part.wait_for(min(end, part.end))
+        # Checked only after the last await: a part dropped meanwhile may have lent its
+        # buffer to another GET already.
+        for part in ready:
+            if part.ready < min(end, part.end) - part.start:  # the GET ended short
+                raise _fetch_error(entry, part.error or RemoteError("streamed get ended early"))
+            if part.dropped:
+                return None  # a write or an eviction came first: the cache file decides
+        if len(ready) == 1:
+            reply: bytes | memoryview = ready[0].view(offset, end)
+        else:
+            reply = b"".join(p.view(max(offset, p.start), min(end, p.end)) for p in ready)
+        for part in ready:
+            stream.served(part, min(end, part.end) - max(offset, part.start))
+        return reply
+
+    def _stream_ahead(self, entry: CacheEntry, stream: Stream, first: int, *, reader: int) -> None:
+        """Keep parts from *first* on coming, as far as free buffers allow; *reader* is the
+        part being read."""
+        last = min((entry.remote_size - 1) // stream.part_size, reader + stream.pool.count - 1)
+        for i in range(first, last + 1):
+            if i not in stream.parts and self._start_part(entry, stream, i, reader) is None:
+                return
+
+    def _start_part(
+        self, entry: CacheEntry, stream: Stream, index: int, reader: int
+    ) -> MemPart | None:
+        part = stream.new_part(index, entry.remote_size, entry.remote_etag, reader=reader)
+        if part is not None:
+            assert entry.remote_key is not None
+            trio.lowlevel.spawn_system_task(self._run_part, stream, part, entry.remote_key)
+        return part
+
+    async def _run_part(self, stream: Stream, part: MemPart, key: str) -> None:
+        """GET one memory part; like `_run_fetch` it never raises into the loop."""
+        try:
+            log.debug("stream %s [%d, %d)", key, part.start, part.end)
+            await self.store.fetch_buffer(
+                key,
+                part.start,
+                part.end,
+                memoryview(part.buf),
+                etag=part.etag,
+                progress=part.progress,
+            )
+            log.debug("streamed %s [%d, %d)", key, part.start, part.end)
+        except Exception as exc:
+            part.error = exc
+            log.warning("streamed get of %s [%d, %d) failed: %s", key, part.start, part.end, exc)
+        except BaseException:
+            part.error = RemoteError(f"get of {key} was interrupted")
+            raise
+        finally:
+            stream.fetch_finished(part)
 
     def _read_ahead(self, entry: CacheEntry, ra: ReadAhead, pos: int) -> None:
         """Keep up to `readahead_streams` GETs of whole parts running ahead of *pos*."""
@@ -411,15 +536,11 @@ class DataCache:
             for fetch in entry.overlapping(start, stop):
                 await fetch.done.wait()
                 if fetch.error is not None:
-                    err = fetch.error
-                    if isinstance(err, StaleError):
-                        raise StaleError(str(err))
-                    if isinstance(err, FsError):
-                        raise RemoteError(str(err))
-                    raise RemoteError(f"fetch of {entry.remote_key} failed: {err}")
+                    raise _fetch_error(entry, fetch.error)
         raise RemoteError(f"{entry.remote_key} [{start}, {end}) could not be fetched")
 
     async def write(self, entry: CacheEntry, offset: int, data: bytes) -> int:
+        entry.end_stream()
         async with entry.lock:
             await entry.quiesce(offset, offset + len(data))
             written = os.pwrite(entry.fd, data, offset)
@@ -431,6 +552,7 @@ class DataCache:
         return written
 
     async def truncate(self, entry: CacheEntry, size: int) -> None:
+        entry.end_stream()
         async with entry.lock:
             await entry.quiesce(size, max(size, entry.size, entry.remote_size) + 1)
             os.ftruncate(entry.fd, size)

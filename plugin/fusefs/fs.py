@@ -677,12 +677,13 @@ class S3Filesystem:
         except KeyError:
             raise InvalidError(f"bad file handle {fh}") from None
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         h = self._handle(fh)
         entry = self._ensure_cache(h.node)
         try:
             return await self.cache.read(entry, offset, size, h.readahead)
         except StaleError:
+            entry.end_stream()
             if not entry.dirty:
                 # Drop the mixed-version copy; the next open starts afresh.
                 entry.present.clip(0)
@@ -735,6 +736,8 @@ class S3Filesystem:
             return
         node = h.node
         node.open_handles -= 1
+        if node.open_handles == 0 and node.cache is not None:
+            node.cache.end_stream()  # its buffers serve other readers now
         try:
             if (
                 h.writable

@@ -238,7 +238,10 @@ class S3Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh), node.entry(self._ttl)
 
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any contiguous buffer (PyObject_GetBuffer); its stub says bytes.
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         return await self.fs.read(fh, off, size)
 
     @_guard

@@ -353,9 +353,34 @@ class ObjectStore:
             _limiter=self._data_limiter,
         )
 
-    def _fetch_into_sync(
-        self, key: str, start: int, end: int, fd: int, gaps: list[tuple[int, int]], etag: str | None
+    async def fetch_buffer(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        buf: memoryview,
+        *,
+        etag: str | None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
+        """GET `[start, end)` of *key* straight into *buf* (streamed reads keep no file).
+        *progress* is called in the worker thread with the bytes in place so far."""
+        await self._run(
+            f"get {key} [{start}, {end})",
+            self._fetch_buffer_sync,
+            key,
+            start,
+            end,
+            buf,
+            etag,
+            progress,
+            _limiter=self._data_limiter,
+        )
+
+    def _open_range(
+        self, key: str, start: int, end: int, etag: str | None
+    ) -> tuple[Any, Callable[[memoryview], int]]:
+        """Start a ranged GET; returns the body (to close) and its readinto."""
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
@@ -371,15 +396,54 @@ class ObjectStore:
             # Some servers (rclone serve s3) ignore If-Match; check the answer ourselves.
             body.close()
             raise StaleError(f"get {key}: the object changed on the server")
+        return body, _body_reader(body, r)
+
+    @staticmethod
+    def _read_exactly(
+        read_into: Callable[[memoryview], int],
+        view: memoryview,
+        key: str,
+        pos: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill *view* (object bytes from *pos* on); a body that ends early is an error."""
+        done = 0
+        while done < len(view):
+            n = read_into(view[done:])
+            if not n:
+                raise RemoteError(
+                    f"get {key}: body ended at {pos + done}, expected {pos + len(view)}"
+                )
+            done += n
+            if progress is not None:
+                progress(done)
+
+    def _fetch_buffer_sync(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        buf: memoryview,
+        etag: str | None,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        body, read_into = self._open_range(key, start, end, etag)
         try:
-            read_into = _body_reader(body, r)
+            self._read_exactly(read_into, buf[: end - start], key, start, progress)
+        finally:
+            body.close()
+
+    def _fetch_into_sync(
+        self, key: str, start: int, end: int, fd: int, gaps: list[tuple[int, int]], etag: str | None
+    ) -> None:
+        body, read_into = self._open_range(key, start, end, etag)
+        try:
             buf = memoryview(bytearray(min(STREAM_CHUNK, end - start)))
             pos = start
             gi = 0
             while pos < end:
-                n = read_into(buf[: min(len(buf), end - pos)])
-                if not n:
-                    raise RemoteError(f"get {key}: body ended at {pos}, expected {end}")
+                n = min(len(buf), end - pos)
+                self._read_exactly(read_into, buf[:n], key, pos)
                 chunk = buf[:n]
                 cend = pos + n
                 while gi < len(gaps) and gaps[gi][1] <= pos:

@@ -306,28 +306,58 @@ def test_sequential_read_uses_few_range_requests(
     data = os.urandom(32 * MiB)
     put(m, "seq.bin", data)
     assert (m.path / "seq.bin").read_bytes() == data
-    gets = m.log().count("fetch seq.bin")
-    # 128 KiB kernel reads would be 256 GETs; a doubling window needs about five.
-    assert 1 <= gets <= 8, gets
+    started, _peak = _fetch_concurrency(m.log(), "seq.bin")
+    # 128 KiB kernel reads would be 256 GETs; parts of megabytes need a handful.
+    assert 1 <= started <= 8, started
 
 
 def _fetch_concurrency(log: str, name: str) -> tuple[int, int]:
-    """(GETs started, most GETs in flight at once) for *name*, from the debug log."""
+    """(GETs started, most GETs in flight at once) for *name*, from the debug log: GETs
+    into the cache file and streamed ones alike."""
     started = in_flight = peak = 0
     for line in log.splitlines():
-        if f"fetch {name} [" in line:
+        if f"fetch {name} [" in line or f"stream {name} [" in line:
             started += 1
             in_flight += 1
             peak = max(peak, in_flight)
-        elif f"fetched {name} [" in line or f"fetch of {name} [" in line:
+        elif any(
+            f"{word} {name} [" in line
+            for word in ("fetched", "fetch of", "streamed", "streamed get of")
+        ):
             in_flight -= 1
     return started, peak
 
 
-def test_read_ahead_runs_parallel_gets_and_random_reads_see_right_bytes(
+#: Mount arguments for the two read paths: memory streams (the default for sequential
+#: readers) and the cache file alone.
+READ_PATHS = {"streamed": [], "cache-file": ["--stream-buffers", "0"]}
+
+
+def test_sequential_read_is_streamed_past_the_cache_file(
     mount_factory: MountFactory, rclone_server: S3Server
 ) -> None:
     m = mount_factory(rclone_server)
+    data = os.urandom(72 * MiB + 4321)
+    put(m, "big.bin", data)
+    with open(m.path / "big.bin", "rb", buffering=0) as f:
+        got = bytearray()
+        while chunk := f.read(MiB):
+            got += chunk
+        assert got == data
+        # Streamed parts never touched the cache file: at most the first read is there.
+        allocated = sum(p.stat().st_blocks * 512 for p in m.cache_dir.glob("*.data"))
+        assert allocated <= 2 * MiB, allocated
+    log = m.log()
+    assert log.count("stream big.bin [") >= 4
+    _started, peak = _fetch_concurrency(log, "big.bin")
+    assert peak >= 2, "streamed parts were fetched one at a time"
+
+
+@pytest.mark.parametrize("read_path", READ_PATHS)
+def test_read_ahead_runs_parallel_gets_and_random_reads_see_right_bytes(
+    mount_factory: MountFactory, rclone_server: S3Server, read_path: str
+) -> None:
+    m = mount_factory(rclone_server, extra=READ_PATHS[read_path])
     data = os.urandom(72 * MiB + 12345)
     put(m, "ra.bin", data)
     fd = os.open(m.path / "ra.bin", os.O_RDONLY)
@@ -350,12 +380,17 @@ def test_read_ahead_runs_parallel_gets_and_random_reads_see_right_bytes(
     assert started <= 20, started
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [["--stream-buffers", "2"], ["--stream-buffers", "0", "--readahead-streams", "2"]],
+    ids=["streamed", "cache-file"],
+)
 def test_failed_background_get_gives_eio_never_wrong_bytes(
-    mount_factory: MountFactory, private_rclone_server: S3Server
+    mount_factory: MountFactory, private_rclone_server: S3Server, extra: list[str]
 ) -> None:
     server = private_rclone_server
-    # Two streams: read-ahead cannot have fetched the whole object before the server stops.
-    m = mount_factory(server, extra=["--readahead-streams", "2"])
+    # Two parts ahead: read-ahead cannot have fetched the whole object before the server stops.
+    m = mount_factory(server, extra=extra)
     data = os.urandom(200 * MiB)
     put(m, "fail.bin", data)
     fd = os.open(m.path / "fail.bin", os.O_RDONLY)
@@ -389,13 +424,15 @@ def test_failed_background_get_gives_eio_never_wrong_bytes(
         assert got == data
     finally:
         os.close(fd)
-    assert "fetch of fail.bin" in m.log()
+    log = m.log()
+    assert "fetch of fail.bin" in log or "streamed get of fail.bin" in log
 
 
+@pytest.mark.parametrize("read_path", READ_PATHS)
 def test_object_replaced_during_read_ahead_is_not_mixed_in(
-    mount_factory: MountFactory, rclone_server: S3Server
+    mount_factory: MountFactory, rclone_server: S3Server, read_path: str
 ) -> None:
-    m = mount_factory(rclone_server)
+    m = mount_factory(rclone_server, extra=READ_PATHS[read_path])
     old = os.urandom(40 * MiB)
     new = os.urandom(40 * MiB)
     put(m, "swap.bin", old)
@@ -421,10 +458,11 @@ def test_object_replaced_during_read_ahead_is_not_mixed_in(
         os.close(fd)
 
 
+@pytest.mark.parametrize("read_path", READ_PATHS)
 def test_write_during_read_ahead_is_not_overwritten(
-    mount_factory: MountFactory, rclone_server: S3Server
+    mount_factory: MountFactory, rclone_server: S3Server, read_path: str
 ) -> None:
-    m = mount_factory(rclone_server)
+    m = mount_factory(rclone_server, extra=READ_PATHS[read_path])
     data = bytearray(os.urandom(48 * MiB))
     put(m, "rw.bin", bytes(data))
     fd = os.open(m.path / "rw.bin", os.O_RDWR)

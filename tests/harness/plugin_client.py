@@ -66,7 +66,7 @@ class PluginClient:
                 self.close()
                 raise
             except http.client.HTTPException as exc:
-                # A reply cut short (the daemon died mid-response): the same as a dropped connection.
+                # A reply cut short (the daemon died mid-response): a dropped connection.
                 self.close()
                 raise ConnectionError(f"{path}: reply cut short: {exc!r}") from exc
             if resp.getheader("Connection", "").lower() == "close":
