@@ -36,9 +36,9 @@ MiB = 1 << 20
 STREAM_PART = 16 * MiB
 #: Buffers per mount, shared by every stream: the memory a mount spends on streamed reads.
 STREAM_BUFFERS = 8
-#: Arriving bytes are handed to waiting readers in steps of this much: a reader needs one
-#: 1 MiB READ's worth, not the whole part (eight parts share the bandwidth, so a whole part
-#: would keep the first READ waiting for 128 MiB to arrive).
+#: Arriving bytes are handed to waiting readers in steps of this much, when the GET
+#: reports progress in pieces (boto3's read()); a body read straight from the socket
+#: arrives in one piece (waking the loop per MiB cost more than it saved).
 ARRIVAL_STEP = MiB
 
 
@@ -61,7 +61,7 @@ class BufferPool:
         self.in_use += 1
         # Not bytearray(size): that zero-fills 16 MiB on the loop thread. Anonymous pages
         # are faulted in by the worker thread's recv instead, and unmapped on trim.
-        return mmap.mmap(-1, self.size)
+        return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buf: mmap.mmap) -> None:
         self.in_use -= 1
