@@ -655,20 +655,29 @@ class Bench:
             took = time.perf_counter() - t0
             log_path = m.log_path
         text = log_path.read_text()
-        fetches = [int(b) - int(a) for a, b in re.findall(r"fetch \S+ \[(\d+), (\d+)\)", text)]
-        # Most GETs in flight at once: "fetch" starts one, "fetched"/"fetch of" ends one.
+        span = r" \S+ \[(\d+), (\d+)\)"
+        fetched = [int(b) - int(a) for a, b in re.findall(r"\] fetch" + span, text)]
+        streamed = [int(b) - int(a) for a, b in re.findall(r"\] stream" + span, text)]
+        gets = fetched + streamed
+        # Most GETs in flight at once: "fetch"/"stream" start one; "fetched", "streamed",
+        # "fetch of" and "streamed get of" (failures) end one.
         in_flight = peak = 0
-        for event in re.findall(r"\] (fetch of |fetched |fetch )", text):
-            in_flight += 1 if event == "fetch " else -1
+        for event in re.findall(
+            r"\] (fetch of |fetched |fetch |streamed get of |streamed |stream )", text
+        ):
+            in_flight += 1 if event in ("fetch ", "stream ") else -1
             peak = max(peak, in_flight)
         self.res.diagnostics["read"] = {
             "seconds": took,
-            "gets": len(fetches),
+            "gets": len(gets),
+            "gets_into_cache_file": len(fetched),
+            "gets_streamed": len(streamed),
             "gets_in_flight_max": peak,
-            "get_bytes_min": min(fetches, default=0),
-            "get_bytes_median": median([float(f) for f in fetches]) or 0,
-            "get_bytes_max": max(fetches, default=0),
-            "get_bytes_total": sum(fetches),
+            "get_bytes_min": min(gets, default=0),
+            "get_bytes_median": median([float(f) for f in gets]) or 0,
+            "get_bytes_max": max(gets, default=0),
+            "get_bytes_total": sum(gets),
+            "get_bytes_streamed": sum(streamed),
         }
         log.info("diagnostic read: %s", self.res.diagnostics["read"])
 
@@ -927,8 +936,12 @@ def render(res: Results, args: argparse.Namespace, facts: dict[str, str], elapse
             f"{g['seconds']:.2f} s, {g['gets']} ranged GETs, sizes min "
             f"{g['get_bytes_min'] / MiB:.2f} / median {g['get_bytes_median'] / MiB:.2f} / max "
             f"{g['get_bytes_max'] / MiB:.2f} MiB, {g['get_bytes_total'] / MiB:.0f} MiB in total, "
-            f"at most {g.get('gets_in_flight_max', 'n/a')} GETs in flight at once (background "
-            "read-ahead of 8 MiB parts; a read waits only for the part it needs).\n"
+            f"at most {g.get('gets_in_flight_max', 'n/a')} GETs in flight at once. "
+            f"{g.get('gets_streamed', 'n/a')} of the GETs "
+            f"({g.get('get_bytes_streamed', 0) / MiB:.0f} MiB) were streamed: read ahead into "
+            "reused memory buffers and handed to the kernel from there; "
+            f"{g.get('gets_into_cache_file', 'n/a')} went into the cache file (the first read, "
+            "before the reader is known to be sequential).\n"
         )
 
     if res.diagnostics.get("ls"):
