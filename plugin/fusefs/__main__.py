@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from plugin.fusefs import fasthead
+from plugin import s3fast
 from plugin.fusefs.cache import PART_SIZE, DataCache, MiB, UploadConfig
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
@@ -245,7 +245,7 @@ async def _connect(
         done.set()
         return
     if not args.no_fast_head:
-        store.fast_head = fasthead.from_boto3_client(
+        store.fast_head = s3fast.from_boto3_client(
             client,
             args.bucket,
             connect_timeout=args.connect_timeout,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
-from plugin.fusefs.fasthead import FastHeadError, HeadClient, parse_http_date
+from plugin.s3fast import FastHeadError, HeadClient, parse_http_date
 
 if TYPE_CHECKING:
     from plugin.fusefs.cache import UploadConfig
@@ -186,7 +186,7 @@ class ObjectStore:
         self._limiter = trio.CapacityLimiter(max_threads)
         #: Ranged GETs get their own threads, so read-ahead never starves HEAD and LIST.
         self._data_limiter = trio.CapacityLimiter(data_threads)
-        #: Cheap signed HEADs for metadata (see fasthead); None means boto3 only.
+        #: Cheap signed HEADs for metadata (see plugin.s3fast); None means boto3 only.
         self.fast_head: HeadClient | None = None
 
     async def _run(

@@ -76,6 +76,14 @@ class Boto3Store:
                     last_modified=_ts(obj.get("LastModified")),
                 )
 
+    def close(self) -> None:
+        """Nothing to release: botocore's pool closes with the client."""
+
+    def get_many(
+        self, bucket: str, keys: list[str], max_size: int
+    ) -> list[tuple[ObjectInfo, bytes] | None]:
+        return [None] * len(keys)  # botocore has no pipelining: one `get` each
+
     def get(
         self, bucket: str, key: str, sink: Sink, start: int = 0, length: int | None = None
     ) -> ObjectInfo:

@@ -71,7 +71,18 @@ class ObjectStore(Protocol):
         """Stream [start, start+length) (or to the end) into *sink*; returns what GET said."""
         ...
 
+    def get_many(
+        self, bucket: str, keys: list[str], max_size: int
+    ) -> list[tuple[ObjectInfo, bytes] | None]:
+        """Several whole small objects at once where the store can (pipelined); None for
+        each one the caller must `get` itself. Never raises for a single object."""
+        ...
+
     def put(self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str]) -> str: ...
+
+    def close(self) -> None:
+        """Release connections; called by whoever made the store, once no copy uses it."""
+        ...
 
     def create_multipart(self, bucket: str, key: str, metadata: Mapping[str, str]) -> str: ...
 

@@ -16,7 +16,6 @@ trio = pytest.importorskip("trio")
 
 from plugin.fusefs import errors  # noqa: E402
 from plugin.fusefs.cache import INITIAL_WINDOW, NEEDED_CHUNK, Ranges, ReadAhead  # noqa: E402
-from plugin.fusefs.fasthead import HeadClient, _parse_list  # noqa: E402
 from plugin.fusefs.inodes import (  # noqa: E402
     Attrs,
     Defaults,
@@ -26,6 +25,7 @@ from plugin.fusefs.inodes import (  # noqa: E402
     parse_mtime,
 )
 from plugin.fusefs.operations import S3Operations  # noqa: E402
+from plugin.s3fast import HeadClient, _parse_list  # noqa: E402
 
 MiB = 1 << 20
 

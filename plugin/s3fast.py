@@ -1,15 +1,18 @@
-"""SigV4-signed HEAD requests over kept-alive sockets, without botocore.
+"""SigV4-signed S3 requests over kept-alive sockets, without botocore or the CRT.
 
-Why: listing a directory HEADs every entry for its s3fs metadata (mode/owner/mtime), and
-botocore spends over a millisecond of CPU per request (endpoint rules, event hooks, response
-parsing) where the server answers in tens of microseconds: 10,000 entries took seconds of
-pure client CPU. A hand-signed HEAD costs a fraction of that. This path is an optimisation
-only: path-style endpoints, credentials taken from the boto3 client, and anything unexpected
-raises `FastHeadError` so the caller asks boto3 instead.
+Why: per-object requests dominate two workloads. Listing a directory in the S3 filesystem
+HEADs every entry for its s3fs metadata, and botocore spends over a millisecond of CPU per
+request (endpoint rules, event hooks, response parsing) where the server answers in tens of
+microseconds. The copy core moves 10,000 small objects, where the CRT client's per-request
+machinery (buffer pool, callbacks into Python from its threads) cost more than the transfer.
+A hand-signed HEAD, LIST, GET or PUT costs a fraction of either. This path is an optimisation
+only: path-style endpoints, small bodies, and anything unexpected raises `FastHeadError` so
+the caller uses its general client instead.
 """
 
 from __future__ import annotations
 
+import base64
 import calendar
 import datetime
 import email.utils
@@ -47,8 +50,10 @@ class _Conn:
         self.sock = sock
         self.rfile = sock.makefile("rb")
         self.reusable = True
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.rfile.close()
         finally:
@@ -89,6 +94,9 @@ class HeadClient:
         self.pipelining = True
         self._failures = 0
         self._local = threading.local()
+        #: Every open connection, whichever thread it belongs to, for `close`.
+        self._conns: set[_Conn] = set()
+        self._conns_lock = threading.Lock()
         self._keys: dict[tuple[str, str], bytes] = {}
         self._ssl: ssl.SSLContext | None = None
         if self.https:
@@ -112,8 +120,11 @@ class HeadClient:
         *,
         method: str = "HEAD",
         query: dict[str, str] | None = None,
+        headers: list[tuple[str, str]] | None = None,
+        payload_hash: str = EMPTY_SHA256,
     ) -> bytes:
-        """The signed request for *key* (public for tests)."""
+        """The signed request head for *key* (public for tests). Every header is signed;
+        *headers* names must be lower case."""
         access, secret, token = self.credentials()
         path = (
             f"/{quote(self.bucket, safe='')}/{quote(key, safe='/')}"
@@ -128,21 +139,23 @@ class HeadClient:
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         day = amz_date[:8]
         headers = [
+            *(headers or []),
             ("host", self.netloc),
-            ("x-amz-content-sha256", EMPTY_SHA256),
+            ("x-amz-content-sha256", payload_hash),
             ("x-amz-date", amz_date),
         ]
         if token:
             headers.append(("x-amz-security-token", token))
+        headers.sort()
         signed = ";".join(name for name, _ in headers)
         canonical = "\n".join(
             [
                 method,
                 path,
                 qs,
-                "".join(f"{name}:{value}\n" for name, value in headers),
+                "".join(f"{name}:{' '.join(value.split())}\n" for name, value in headers),
                 signed,
-                EMPTY_SHA256,
+                payload_hash,
             ]
         )
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -180,7 +193,94 @@ class HeadClient:
         if token:
             query["continuation-token"] = token
         request = self.request_bytes("", method="GET", query=query)
-        conn: _Conn | None = getattr(self._local, "conn", None)
+        status, _headers, body = self._call("LIST", request)
+        if status != 200:
+            self._refused(status)
+            raise FastHeadError(f"LIST HTTP {status}")
+        return _parse_list(body)
+
+    def get_object(self, key: str, max_size: int) -> tuple[int, dict[str, str], bytes]:
+        """GET a whole (small) object: (status, lower-cased headers, body). 200 and 404 come
+        back; anything else, or a body over *max_size*, raises FastHeadError."""
+        if not self.enabled:
+            raise FastHeadError("disabled")
+        status, headers, body = self._call(
+            "GET", self.request_bytes(key, method="GET"), max_body=max_size
+        )
+        if status not in (200, 404):
+            self._refused(status)
+            raise FastHeadError(f"GET HTTP {status}")
+        return status, headers, body
+
+    def get_many(
+        self, keys: list[str], max_size: int
+    ) -> list[tuple[int, dict[str, str], bytes] | FastHeadError]:
+        """GET several whole (small) objects, pipelined on this thread's connection: one
+        send for all requests, answers read back to back. Each result is what `get_object`
+        returns or raises; after a broken connection the rest fail with FastHeadError, for
+        the caller's own path."""
+        if not self.enabled or not (self.keepalive and self.pipelining):
+            return [FastHeadError("no pipelining") for _ in keys]
+        out: list[tuple[int, dict[str, str], bytes] | FastHeadError] = []
+        conn = self._live_conn()
+        try:
+            if conn is None:
+                conn = self._local.conn = self._connect()
+            conn.sock.sendall(b"".join(self.request_bytes(k, method="GET") for k in keys))
+            for _ in keys:
+                status, headers = self._read_response(conn)
+                body = self._read_body(conn, headers, max_size)
+                if status not in (200, 404):
+                    self._refused(status)
+                    out.append(FastHeadError(f"GET HTTP {status}"))
+                else:
+                    out.append((status, headers, body))
+            if not conn.reusable:
+                self._drop()
+        except (OSError, ValueError, FastHeadError) as exc:
+            self._drop()
+            if out or len(keys) > 1:
+                log.debug("pipelined GETs broke after %d answers: %s", len(out), exc)
+            out += [FastHeadError(f"GET transport: {exc}")] * (len(keys) - len(out))
+        return out
+
+    def put_object(
+        self, key: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> tuple[int, dict[str, str]]:
+        """PUT a (small) object with *headers* (lower-case names, e.g. x-amz-meta-*). The
+        server checks Content-MD5; the payload itself is not signed (UNSIGNED-PAYLOAD), so
+        hashing it twice is not needed. 200 comes back; anything else raises."""
+        if not self.enabled:
+            raise FastHeadError("disabled")
+        digest = base64.b64encode(hashlib.md5(body).digest()).decode()
+        head = self.request_bytes(
+            key,
+            method="PUT",
+            headers=[
+                *headers,
+                ("content-length", str(len(body))),
+                ("content-md5", digest),
+            ],
+            payload_hash="UNSIGNED-PAYLOAD",
+        )
+        status, answer, _ = self._call("PUT", head + body)
+        if status != 200:
+            self._refused(status)
+            raise FastHeadError(f"PUT HTTP {status}")
+        return status, answer
+
+    def _refused(self, status: int) -> None:
+        if status in (400, 403):
+            # The server does not like our signing (or this path): stop trying it.
+            self.enabled = False
+            log.info("fast S3 path refused by the server (HTTP %d); using the full client", status)
+
+    def _call(
+        self, what: str, request: bytes, *, body: bool = True, max_body: int | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send *request* on this thread's connection and read the whole answer (a HEAD's
+        has no body, whatever its Content-Length says)."""
+        conn = self._live_conn()
         for attempt in range(2):
             reused = conn is not None
             try:
@@ -188,29 +288,25 @@ class HeadClient:
                     conn = self._local.conn = self._connect()
                 conn.sock.sendall(request)
                 status, headers = self._read_response(conn)
-                body = self._read_body(conn, headers)
+                data = self._read_body(conn, headers, max_body) if body else b""
                 if not conn.reusable:
                     self._drop()
-                break
+                return status, headers, data
             except (OSError, ValueError) as exc:
                 self._drop()
                 conn = None
+                # A kept-alive connection the server closed meanwhile: one fresh try.
                 if attempt == 0 and reused and not isinstance(exc, TimeoutError):
                     continue
-                raise FastHeadError(f"LIST transport: {exc}") from exc
+                raise FastHeadError(f"{what} transport: {exc}") from exc
             except FastHeadError:
                 self._drop()
                 raise
-        else:
-            raise FastHeadError("unreachable")
-        if status != 200:
-            if status in (400, 403):
-                self.enabled = False
-                log.info("fast path refused by the server (HTTP %d); using boto3", status)
-            raise FastHeadError(f"LIST HTTP {status}")
-        return _parse_list(body)
+        raise FastHeadError("unreachable")
 
-    def _read_body(self, conn: _Conn, headers: dict[str, str]) -> bytes:
+    def _read_body(
+        self, conn: _Conn, headers: dict[str, str], max_body: int | None = None
+    ) -> bytes:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             parts: list[bytes] = []
             while True:
@@ -230,6 +326,8 @@ class HeadClient:
         length = headers.get("content-length")
         if length is None:
             raise FastHeadError("body without a length")
+        if max_body is not None and int(length) > max_body:
+            raise FastHeadError(f"body of {length} bytes is over {max_body}")
         data = conn.rfile.read(int(length))
         if len(data) != int(length):
             raise ConnectionResetError("short body")
@@ -243,37 +341,34 @@ class HeadClient:
         if self._ssl is not None:
             sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
         sock.settimeout(self.read_timeout)
-        return _Conn(sock)
+        conn = _Conn(sock)
+        with self._conns_lock:
+            self._conns.add(conn)
+        return conn
+
+    def _live_conn(self) -> _Conn | None:
+        """This thread's connection, unless `close` closed it meanwhile."""
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        return conn if conn is not None and not conn.closed else None
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        """Close every thread's connection (a thread's next request opens a new one)."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
             conn.close()
 
     def _exchange(self, request: bytes) -> tuple[int, dict[str, str]]:
-        conn: _Conn | None = getattr(self._local, "conn", None)
-        reused = conn is not None
-        for attempt in range(2):
-            if conn is None:
-                conn = self._local.conn = self._connect()
-            try:
-                conn.sock.sendall(request)
-                status, headers = self._read_response(conn)
-                if not conn.reusable:
-                    self._drop()
-                return status, headers
-            except (OSError, ValueError) as exc:
-                self._drop()
-                conn = None
-                # A kept-alive connection the server closed meanwhile: one fresh try.
-                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
-                    continue
-                raise FastHeadError(f"HEAD transport: {exc}") from exc
-            except FastHeadError:
-                self._drop()
-                raise
-        raise FastHeadError("unreachable")
+        status, headers, _ = self._call("HEAD", request, body=False)
+        return status, headers
 
     def _read_response(self, conn: _Conn) -> tuple[int, dict[str, str]]:
         status_line = conn.rfile.readline(8192)
@@ -315,7 +410,7 @@ class HeadClient:
                 out += [FastHeadError("disabled")] * (len(keys) - i)
                 break
             batch = keys[i : i + (window if self.keepalive and self.pipelining else 1)]
-            conn: _Conn | None = getattr(self._local, "conn", None)
+            conn = self._live_conn()
             try:
                 if conn is None:
                     conn = self._local.conn = self._connect()

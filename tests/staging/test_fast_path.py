@@ -1,0 +1,157 @@
+"""The copy core's hand-signed fast path (plugin.s3fast through CrtStore): small objects go
+down in pipelined batches and up as single signed PUTs, with the same verification and the
+same per-file fallback as the general path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stagingkit import S3Server, leftovers, snapshot
+
+from plugin import s3fast
+from plugin.staging import CopyOptions, copy
+from plugin.staging.engine import GET_BATCH, GET_BATCH_MAX
+from plugin.staging.store import ObjectInfo
+
+pytestmark = pytest.mark.s3
+pytest.importorskip("awscrt", reason="the fast path lives in the CRT store (pip install awscrt)")
+
+from plugin.staging.crtstore import CrtStore  # noqa: E402
+
+KiB = 1 << 10
+
+
+def _opts(**kw: Any) -> CopyOptions:
+    base: dict[str, Any] = {"chunk_size": 4 << 20, "jobs": 4, "retries": 2, "retry_delay": 0.05}
+    base.update(kw)
+    return CopyOptions(**base)
+
+
+def _small_tree(root: Path, count: int) -> None:
+    (root / "sub dir+plus").mkdir(parents=True)  # listing decodes "+" and "%2B" apart
+    for i in range(count):
+        where = root / "sub dir+plus" if i % 3 == 0 else root
+        (where / f"f-{i:03d}-é.bin").write_bytes(os.urandom(i * 97 % (20 * KiB)))
+    (root / "large.bin").write_bytes(os.urandom(GET_BATCH_MAX + 12345))  # not batched
+
+
+@pytest.fixture
+def uploaded(rclone_s3: S3Server, bucket_name: str, tmp_path: Path) -> tuple[str, Path]:
+    """A bucket holding a tree of 2.5 batches of small files (and one large file), put
+    there through the fast PUT path; returns (bucket, local source tree)."""
+    bucket = rclone_s3.make_bucket(bucket_name)
+    src = tmp_path / "src"
+    _small_tree(src, GET_BATCH * 2 + GET_BATCH // 2)
+    store = CrtStore(endpoint_url=rclone_s3.endpoint)
+    try:
+        up = copy(str(src), f"s3://{bucket}/tree", _opts(), store=store)
+    finally:
+        store.close()
+    assert up.ok, up.errors
+    return bucket, src
+
+
+def test_small_objects_come_down_in_pipelined_batches(
+    rclone_s3: S3Server, uploaded: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket, src = uploaded
+    # The fast PUT stored the s3fs metadata like the general path does.
+    head = rclone_s3.client().head_object(Bucket=bucket, Key="tree/f-001-é.bin")
+    assert {"mode", "mtime"} <= {name.lower() for name in head["Metadata"]}
+    batches: list[int] = []
+    real = s3fast.HeadClient.get_many
+
+    def spy(self: s3fast.HeadClient, keys: list[str], max_size: int) -> Any:
+        batches.append(len(keys))
+        return real(self, keys, max_size)
+
+    monkeypatch.setattr(s3fast.HeadClient, "get_many", spy)
+    store = CrtStore(endpoint_url=rclone_s3.endpoint)
+    try:
+        down = copy(f"s3://{bucket}/tree", str(tmp_path / "back"), _opts(), store=store)
+    finally:
+        store.close()
+    assert down.ok, down.errors
+    assert snapshot(tmp_path / "back", dirs_meta=False) == snapshot(src, dirs_meta=False)
+    assert sum(batches) == GET_BATCH * 2 + GET_BATCH // 2  # every small file, not the large one
+    assert max(batches) == GET_BATCH
+
+
+class _CorruptFirstBody(CrtStore):
+    """Flips a byte of the first body of every batch: verification must refuse it."""
+
+    def get_many(
+        self, bucket: str, keys: list[str], max_size: int
+    ) -> list[tuple[ObjectInfo, bytes] | None]:
+        got = super().get_many(bucket, keys, max_size)
+        for i, item in enumerate(got):
+            if item is not None and item[1]:
+                info, body = item
+                got[i] = (info, bytes([body[0] ^ 0xFF]) + body[1:])
+                break
+        return got
+
+
+def test_a_corrupted_batched_body_is_never_renamed(
+    rclone_s3: S3Server, uploaded: tuple[str, Path], tmp_path: Path
+) -> None:
+    bucket, _src = uploaded
+    store = _CorruptFirstBody(endpoint_url=rclone_s3.endpoint)
+    back = tmp_path / "back"
+    try:
+        down = copy(f"s3://{bucket}/tree", str(back), _opts(retries=0), store=store)
+    finally:
+        store.close()
+    assert not down.ok
+    assert len(down.errors) == 3  # one per batch
+    assert all("does not match ETag" in error.message for error in down.errors)
+    for error in down.errors:
+        assert not (back / error.path).exists()
+    assert leftovers(back) == []
+
+
+class _HalfAnswered(CrtStore):
+    """A batch that broke half way: the rest must be fetched one by one."""
+
+    def get_many(
+        self, bucket: str, keys: list[str], max_size: int
+    ) -> list[tuple[ObjectInfo, bytes] | None]:
+        got = super().get_many(bucket, keys, max_size)
+        return [item if i < len(got) // 2 else None for i, item in enumerate(got)]
+
+
+def test_unanswered_batch_members_are_fetched_one_by_one(
+    rclone_s3: S3Server, uploaded: tuple[str, Path], tmp_path: Path
+) -> None:
+    bucket, src = uploaded
+    store = _HalfAnswered(endpoint_url=rclone_s3.endpoint)
+    try:
+        down = copy(f"s3://{bucket}/tree", str(tmp_path / "back"), _opts(), store=store)
+    finally:
+        store.close()
+    assert down.ok, down.errors
+    assert snapshot(tmp_path / "back", dirs_meta=False) == snapshot(src, dirs_meta=False)
+
+
+def test_pipelined_gets_after_a_dropped_connection_report_each_key(
+    rclone_s3: S3Server, uploaded: tuple[str, Path]
+) -> None:
+    bucket, _src = uploaded
+    creds = rclone_s3.client()._request_signer._credentials
+    fast = s3fast.HeadClient(
+        rclone_s3.endpoint, bucket, "us-east-1", lambda: (creds.access_key, creds.secret_key, None)
+    )
+    try:
+        keys = ["tree/f-001-é.bin", "tree/missing", "tree/f-002-é.bin"]
+        first = fast.get_many(keys, GET_BATCH_MAX)
+        assert [r[0] for r in first if not isinstance(r, Exception)] == [200, 404, 200]
+        fast.close()  # the kept-alive connection is gone: the next batch reconnects
+        again = fast.get_many(keys[:1], GET_BATCH_MAX)
+        assert not isinstance(again[0], Exception) and again[0][2] == first[0][2]  # type: ignore[index]
+        too_big = fast.get_many(["tree/large.bin", "tree/f-001-é.bin"], 1024)
+        assert all(isinstance(r, s3fast.FastHeadError) for r in too_big)
+    finally:
+        fast.close()
