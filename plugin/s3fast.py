@@ -18,10 +18,12 @@ import datetime
 import email.utils
 import hashlib
 import hmac
+import io
 import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 import urllib.request
@@ -36,6 +38,41 @@ log = logging.getLogger(__name__)
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 #: Give up on the fast path after this many transport failures in a row.
 MAX_FAILURES = 3
+
+
+def read_exact(fp: io.BufferedReader, sock: socket.socket, view: memoryview) -> int:
+    """Fill *view* with the next bytes of a response body: those already in *fp*'s buffer,
+    then straight from *sock* with MSG_WAITALL, one syscall (and one release of the GIL) for
+    the lot instead of one per arriving segment. TLS sockets take no recv flags and are read
+    through *fp*. Returns the count: short only at end of stream. A read timeout set on the
+    socket still applies (as SO_RCVTIMEO) and raises TimeoutError."""
+    done = 0
+    if fp.peek(1):  # bytes buffered (or, buffer empty, the first ones to arrive)
+        done = fp.readinto1(view)
+    if type(sock) is not socket.socket:
+        while done < len(view):
+            n = fp.readinto(view[done:])
+            if not n:
+                break
+            done += n
+        return done
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(None)  # MSG_WAITALL needs a blocking socket...
+        seconds = timeout or 0.0
+        # ...and SO_RCVTIMEO keeps the read timeout: a stalled server ends the recv.
+        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        while done < len(view):
+            n = sock.recv_into(view[done:], len(view) - done, socket.MSG_WAITALL)
+            if not n:
+                break
+            done += n
+    except BlockingIOError as exc:
+        raise TimeoutError(f"no data from the server for {timeout} s") from exc
+    finally:
+        sock.settimeout(timeout)
+    return done
 
 
 class FastHeadError(Exception):
@@ -243,6 +280,61 @@ class HeadClient:
                 log.debug("pipelined GETs broke after %d answers: %s", len(out), exc)
             out += [FastHeadError(f"GET transport: {exc}")] * (len(keys) - len(out))
         return out
+
+    def get_range_into(
+        self, key: str, start: int, view: memoryview, etag: str | None = None
+    ) -> dict[str, str]:
+        """GET bytes `[start, start + len(view))` of *key* into *view*; returns the answer's
+        lower-cased headers. Anything but an answer for exactly that range (a missing object, a
+        changed ETag, a server that ignored Range, a broken stream) raises FastHeadError, and
+        the caller asks its general client."""
+        if not self.enabled:
+            raise FastHeadError("disabled")
+        end = start + len(view) - 1
+        extra = [("range", f"bytes={start}-{end}")]
+        if etag:
+            extra.append(("if-match", f'"{etag}"'))
+        request = self.request_bytes(key, method="GET", headers=extra)
+        conn = self._live_conn()
+        for attempt in range(2):
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = self._local.conn = self._connect()
+                conn.sock.sendall(request)
+                status, headers = self._read_response(conn)
+                break
+            except (OSError, ValueError) as exc:
+                self._drop()
+                conn = None
+                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
+                    continue  # a kept-alive connection the server closed meanwhile
+                raise FastHeadError(f"GET transport: {exc}") from exc
+        else:
+            raise FastHeadError("unreachable")
+        answered = headers.get("content-range", "")
+        if (
+            status not in (200, 206)  # rclone answers 200 with the Content-Range asked for
+            or not answered.startswith(f"bytes {start}-{end}/")
+            or headers.get("content-length") != str(len(view))
+        ):
+            self._drop()  # the body (if any) stays unread
+            self._refused(status)
+            raise FastHeadError(f"GET {key} [{start}, {end}]: HTTP {status} {answered!r}")
+        if etag and headers.get("etag", "").strip('"') not in ("", etag):
+            self._drop()  # a server that ignores If-Match (rclone) sent another version
+            raise FastHeadError(f"GET {key}: the object changed on the server")
+        try:
+            n = read_exact(conn.rfile, conn.sock, view)
+        except (OSError, ValueError) as exc:
+            self._drop()
+            raise FastHeadError(f"GET transport: {exc}") from exc
+        if n != len(view):
+            self._drop()
+            raise FastHeadError(f"GET {key}: body ended after {n} of {len(view)} bytes")
+        if not conn.reusable:
+            self._drop()
+        return headers
 
     def put_object(
         self, key: str, body: bytes, headers: list[tuple[str, str]]

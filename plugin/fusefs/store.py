@@ -13,7 +13,6 @@ import http.client
 import logging
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
-from plugin.s3fast import FastHeadError, HeadClient, parse_http_date
+from plugin.s3fast import FastHeadError, HeadClient, parse_http_date, read_exact
 
 if TYPE_CHECKING:
     from plugin.fusefs.cache import UploadConfig
@@ -94,10 +93,11 @@ def _body_reader(body: Any, response: dict[str, Any]) -> Callable[[memoryview], 
 
 
 class _SocketBody:
-    """Reads a body of known length from the connection's socket with MSG_WAITALL: one
-    syscall, and one release of the GIL, per buffer instead of one per arriving segment.
-    Eight GET threads and the FUSE loop share the GIL; each reacquisition is a chance for
-    the others to stall, which left both cores idle a fifth of a cold read.
+    """Reads a body of known length straight from the connection's socket (see
+    `s3fast.read_exact`: one syscall and one release of the GIL per buffer instead of one per
+    arriving segment; eight GET threads and the FUSE loop share the GIL, and each
+    reacquisition is a chance for the others to stall, which left both cores idle a fifth
+    of a cold read).
 
     Only for a body read to its end or abandoned: http.client's own bookkeeping is
     bypassed, so the caller closes the response (and with it the connection) afterwards.
@@ -107,37 +107,14 @@ class _SocketBody:
         self._response = response
         self._sock = sock
         self._left = response.length or 0
-        self._buffer_drained = False
 
     def read_into(self, view: memoryview) -> int:
         want = min(len(view), self._left)
-        if not want:
-            return 0
         fp = self._response.fp
-        if not self._buffer_drained and fp is not None:
-            # Body bytes already in http.client's buffer come first. peek() returns all
-            # of them without a syscall (or, buffer empty, the first bytes to arrive).
-            buffered = len(fp.peek(want))
-            self._buffer_drained = buffered <= want
-            n = fp.readinto(view[: min(buffered, want)])
-        else:
-            n = self._recv_all(view[:want])
+        if not want or fp is None:
+            return 0
+        n = read_exact(fp, self._sock, view[:want])
         self._left -= n
-        return n
-
-    def _recv_all(self, view: memoryview) -> int:
-        timeout = self._sock.gettimeout()
-        self._sock.settimeout(None)  # MSG_WAITALL needs a blocking socket...
-        try:
-            seconds = timeout or 0.0
-            # ...and SO_RCVTIMEO keeps the read timeout: a stalled server ends the recv.
-            timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            n = self._sock.recv_into(view, len(view), socket.MSG_WAITALL)
-        except BlockingIOError as exc:
-            raise TimeoutError(f"no data from the server for {timeout} s") from exc
-        finally:
-            self._sock.settimeout(timeout)
         return n
 
 

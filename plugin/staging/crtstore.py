@@ -20,6 +20,7 @@ Notes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io as pyio
 import logging
 import threading
@@ -69,6 +70,11 @@ _TRANSIENT_NAMES = (
 #: into Python from its threads) cost 8 s where s5cmd took 5 s; kept-alive sockets take 5 s.
 #: Larger bodies are streamed by the CRT instead of held in memory whole.
 FAST_GET_MAX = 8 * 1024 * 1024
+
+#: Ranged GETs (chunks of a large object) up to this size are read by the hand-signed path
+#: straight into a per-thread buffer with one recv (1 GiB from a loopback server: the CRT,
+#: which hands Python each part as a new bytes object, took 2.3-2.6 s without verification).
+FAST_RANGE_MAX = 64 * 1024 * 1024
 
 #: Bodies above this go up through boto3. CRT copies a request body into its own buffer, so
 #: 8 MiB parts x 8 jobs took the upload of a 1 GiB file to ~300 MiB RSS (boto3: ~125 MiB) for
@@ -258,8 +264,19 @@ class CrtStore:
         if start or length is not None:
             end = "" if length is None else str(start + length - 1)
             headers.append(("Range", f"bytes={start}-{end}"))
-        fast = self._fast.client(bucket) if not headers else None
-        if fast is not None:
+        fast = self._fast.client(bucket)
+        if fast is not None and length and length <= FAST_RANGE_MAX:
+            buf = self._fast.buffer(length)
+            try:
+                h = fast.get_range_into(key, start, buf)
+            except FastHeadError as exc:
+                log.debug("fast ranged GET %s: %s; using CRT", key, exc)
+            else:
+                sink(start, buf)
+                total = h.get("content-range", "").rsplit("/", 1)[-1]
+                info = _info(key, h)
+                return dataclasses.replace(info, size=int(total)) if total.isdigit() else info
+        elif fast is not None and not headers:
             try:
                 status, h, body = fast.get_object(key, max_size=FAST_GET_MAX)
             except FastHeadError as exc:
@@ -458,6 +475,7 @@ class _FastPath:
         self._lock = threading.Lock()
         self._creds: tuple[str, str, str | None] | None = None
         self._creds_at = 0.0
+        self._local = threading.local()
 
     def _credentials(self) -> tuple[str, str, str | None]:
         with self._lock:
@@ -480,6 +498,13 @@ class _FastPath:
                     return None
                 self._clients[bucket] = fast
         return fast if fast.enabled else None
+
+    def buffer(self, size: int) -> memoryview:
+        """This thread's receive buffer, at least *size* bytes (reused: no fresh pages)."""
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = bytearray(size)
+        return memoryview(buf)[:size]
 
     def close(self) -> None:
         with self._lock:

@@ -155,3 +155,31 @@ def test_pipelined_gets_after_a_dropped_connection_report_each_key(
         assert all(isinstance(r, s3fast.FastHeadError) for r in too_big)
     finally:
         fast.close()
+
+
+def test_ranged_get_fills_the_buffer_or_refuses(
+    rclone_s3: S3Server, uploaded: tuple[str, Path]
+) -> None:
+    bucket, src = uploaded
+    data = (src / "large.bin").read_bytes()
+    creds = rclone_s3.client()._request_signer._credentials
+    fast = s3fast.HeadClient(
+        rclone_s3.endpoint, bucket, "us-east-1", lambda: (creds.access_key, creds.secret_key, None)
+    )
+    etag = rclone_s3.client().head_object(Bucket=bucket, Key="tree/large.bin")["ETag"].strip('"')
+    try:
+        buf = bytearray(300_000)
+        headers = fast.get_range_into("tree/large.bin", 123_456, memoryview(buf), etag=etag)
+        assert bytes(buf) == data[123_456:423_456]
+        assert headers["content-range"].endswith(f"/{len(data)}")
+        with pytest.raises(s3fast.FastHeadError):  # past the end: never a short buffer
+            fast.get_range_into("tree/large.bin", len(data) - 10, memoryview(bytearray(100)))
+        with pytest.raises(s3fast.FastHeadError):  # another version than the one asked for
+            fast.get_range_into("tree/large.bin", 0, memoryview(bytearray(10)), etag="0" * 32)
+        with pytest.raises(s3fast.FastHeadError):
+            fast.get_range_into("tree/missing", 0, memoryview(bytearray(10)))
+        # The connection survives refusals: the next ranged GET on it works.
+        fast.get_range_into("tree/large.bin", 0, memoryview(buf))
+        assert bytes(buf) == data[:300_000]
+    finally:
+        fast.close()
