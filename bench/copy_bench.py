@@ -295,12 +295,13 @@ class Bench:
         sc: Scenario,
         runs: dict[str, Callable[[int], list[str]]],
         reset: Callable[[], None],
+        reps: int | None = None,
     ) -> None:
         """Every tool once per repetition, in turn (drift hits all alike); reset() untimed
         before each run, then `sync` so one tool's dirty pages are not written on another's
         time."""
         sc.runs = {k: [] for k in runs}
-        for rep in range(self.args.reps):
+        for rep in range(reps or self.args.reps):
             for tool, cmd_for in runs.items():
                 reset()
                 os.sync()
@@ -442,7 +443,12 @@ class Bench:
                 "rsync -a": lambda r, t=tree: ["rsync", "-a", f"{t}/", f"{out}/"],
             }
             what = f"{count:,} x {size // 1024:,} KiB"
-            self.compare(Scenario(name, what, count * size / MiB, count), runs, lambda: rm(out))
+            self.compare(
+                Scenario(name, what, count * size / MiB, count),
+                runs,
+                lambda: rm(out),
+                reps=a.local_reps,
+            )
             rm(tree)
 
 
@@ -489,6 +495,7 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
     w(
         f"Every tool copies the same data, S3 tools against one loopback `rclone serve s3`, in "
         f"one run, interleaved per repetition; each figure is the median of {a.reps} runs "
+        f"({a.local_reps} for the local scenarios) "
         f"(all runs under *Detail*). Verification stays on (default options of every tool; "
         f"what each one checks is under *Notes*). Total wall time {elapsed:.0f} s.\n"
     )
@@ -604,6 +611,13 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--local-reps",
+        type=int,
+        default=9,
+        help="repetitions of the local scenarios: about a second each, and on ext4 with "
+        "online discard they swing by a factor of 5 (cp -a 0.16-1.91 s), so 3 runs say little",
+    )
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--small-count", type=int, default=10_000)

@@ -51,6 +51,7 @@ class BufferPool:
         self.count = count
         self.in_use = 0
         self._free: list[mmap.mmap] = []
+        self._trim_pending = False
 
     def take(self) -> mmap.mmap | None:
         if self._free:
@@ -66,10 +67,14 @@ class BufferPool:
     def give(self, buf: mmap.mmap) -> None:
         self.in_use -= 1
         self._free.append(buf)
+        if self._trim_pending and self.in_use == 0:
+            self.trim()
 
     def trim(self) -> None:
-        """Return idle buffers' memory to the system once no stream uses any."""
-        if self.in_use == 0:
+        """Return idle buffers' memory to the system once no stream uses any (now, or when
+        the last GET still filling a dropped part returns its buffer)."""
+        self._trim_pending = self.in_use > 0
+        if not self._trim_pending:
             self._free.clear()
 
 

@@ -732,9 +732,10 @@ class _Copier:
         """A task per file; small S3 objects bound for a local tree in batches of GET_BATCH,
         fetched in one pipelined exchange (per-request overhead is most of their cost)."""
         batchable = isinstance(self.src, S3Location) and isinstance(self.dst, LocalLocation)
+        largest = min(GET_BATCH_MAX, self.opts.chunk_size)  # larger ones go in chunks
         batch: list[_Target] = []
         for t in targets:
-            if batchable and t.entry.size <= GET_BATCH_MAX:
+            if batchable and t.entry.size <= largest:
                 batch.append(t)
                 if len(batch) == GET_BATCH:
                     yield self._batch_task(batch)

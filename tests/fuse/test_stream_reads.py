@@ -261,3 +261,16 @@ def test_part_hands_out_bytes_as_they_arrive(monkeypatch: pytest.MonkeyPatch) ->
         assert whole.ready == 1000 and all(e.is_set() for e in whole.arrivals)
 
     trio.run(_run)
+
+
+def test_pool_memory_goes_back_once_the_last_buffer_returns() -> None:
+    pool = stream.BufferPool(PART, 2)
+    a, b = pool.take(), pool.take()
+    assert a is not None and b is not None and pool.take() is None  # bounded
+    pool.give(a)
+    assert pool.take() is a  # reused, not new memory
+    pool.trim()  # the stream ended while a GET still fills its last part
+    pool.give(a)
+    assert pool._free == [a]  # still in use elsewhere: kept
+    pool.give(b)
+    assert pool.in_use == 0 and pool._free == []  # the last one back: all unmapped
