@@ -295,23 +295,7 @@ class HeadClient:
         if etag:
             extra.append(("if-match", f'"{etag}"'))
         request = self.request_bytes(key, method="GET", headers=extra)
-        conn = self._live_conn()
-        for attempt in range(2):
-            reused = conn is not None
-            try:
-                if conn is None:
-                    conn = self._local.conn = self._connect()
-                conn.sock.sendall(request)
-                status, headers = self._read_response(conn)
-                break
-            except (OSError, ValueError) as exc:
-                self._drop()
-                conn = None
-                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
-                    continue  # a kept-alive connection the server closed meanwhile
-                raise FastHeadError(f"GET transport: {exc}") from exc
-        else:
-            raise FastHeadError("unreachable")
+        conn, status, headers = self._send("GET", request)
         answered = headers.get("content-range", "")
         if (
             status not in (200, 206)  # rclone answers 200 with the Content-Range asked for
@@ -372,6 +356,23 @@ class HeadClient:
     ) -> tuple[int, dict[str, str], bytes]:
         """Send *request* on this thread's connection and read the whole answer (a HEAD's
         has no body, whatever its Content-Length says)."""
+        conn, status, headers = self._send(what, request)
+        try:
+            data = self._read_body(conn, headers, max_body) if body else b""
+        except (OSError, ValueError) as exc:
+            self._drop()
+            raise FastHeadError(f"{what} transport: {exc}") from exc
+        except FastHeadError:
+            self._drop()
+            raise
+        if not conn.reusable:
+            self._drop()
+        return status, headers, data
+
+    def _send(self, what: str, request: bytes) -> tuple[_Conn, int, dict[str, str]]:
+        """Send *request* on this thread's connection; (connection, status, headers) with
+        the body still to read. A kept-alive connection the server closed meanwhile gets
+        one fresh try."""
         conn = self._live_conn()
         for attempt in range(2):
             reused = conn is not None
@@ -380,14 +381,10 @@ class HeadClient:
                     conn = self._local.conn = self._connect()
                 conn.sock.sendall(request)
                 status, headers = self._read_response(conn)
-                data = self._read_body(conn, headers, max_body) if body else b""
-                if not conn.reusable:
-                    self._drop()
-                return status, headers, data
+                return conn, status, headers
             except (OSError, ValueError) as exc:
                 self._drop()
                 conn = None
-                # A kept-alive connection the server closed meanwhile: one fresh try.
                 if attempt == 0 and reused and not isinstance(exc, TimeoutError):
                     continue
                 raise FastHeadError(f"{what} transport: {exc}") from exc

@@ -38,6 +38,13 @@ def _small_tree(root: Path, count: int) -> None:
     (root / "large.bin").write_bytes(os.urandom(GET_BATCH_MAX + 12345))  # not batched
 
 
+def _fast_client(server: S3Server, bucket: str) -> s3fast.HeadClient:
+    creds = server.client()._request_signer._credentials  # the harness's explicit test keys
+    return s3fast.HeadClient(
+        server.endpoint, bucket, "us-east-1", lambda: (creds.access_key, creds.secret_key, None)
+    )
+
+
 @pytest.fixture
 def uploaded(rclone_s3: S3Server, bucket_name: str, tmp_path: Path) -> tuple[str, Path]:
     """A bucket holding a tree of 2.5 batches of small files (and one large file), put
@@ -140,10 +147,7 @@ def test_pipelined_gets_after_a_dropped_connection_report_each_key(
     rclone_s3: S3Server, uploaded: tuple[str, Path]
 ) -> None:
     bucket, _src = uploaded
-    creds = rclone_s3.client()._request_signer._credentials
-    fast = s3fast.HeadClient(
-        rclone_s3.endpoint, bucket, "us-east-1", lambda: (creds.access_key, creds.secret_key, None)
-    )
+    fast = _fast_client(rclone_s3, bucket)
     try:
         keys = ["tree/f-001-é.bin", "tree/missing", "tree/f-002-é.bin"]
         first = fast.get_many(keys, GET_BATCH_MAX)
@@ -162,10 +166,7 @@ def test_ranged_get_fills_the_buffer_or_refuses(
 ) -> None:
     bucket, src = uploaded
     data = (src / "large.bin").read_bytes()
-    creds = rclone_s3.client()._request_signer._credentials
-    fast = s3fast.HeadClient(
-        rclone_s3.endpoint, bucket, "us-east-1", lambda: (creds.access_key, creds.secret_key, None)
-    )
+    fast = _fast_client(rclone_s3, bucket)
     etag = rclone_s3.client().head_object(Bucket=bucket, Key="tree/large.bin")["ETag"].strip('"')
     try:
         buf = bytearray(300_000)
