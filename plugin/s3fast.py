@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote_plus, urlsplit
 from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
 log = logging.getLogger(__name__)
 
@@ -321,42 +322,137 @@ class HeadClient:
         return headers
 
     def put_object(
-        self, key: str, body: bytes, headers: list[tuple[str, str]]
+        self, key: str, body: bytes, headers: list[tuple[str, str]], md5: bytes | None = None
     ) -> tuple[int, dict[str, str]]:
-        """PUT a (small) object with *headers* (lower-case names, e.g. x-amz-meta-*). The
-        server checks Content-MD5; the payload itself is not signed (UNSIGNED-PAYLOAD), so
-        hashing it twice is not needed. 200 comes back; anything else raises."""
+        """PUT a (small) object with *headers* (lower-case names, e.g. x-amz-meta-*); *md5*
+        is the body's digest if the caller has it. 200 comes back; anything else raises."""
+        return self._put("PUT", key, None, body, headers, md5 or hashlib.md5(body).digest())
+
+    def upload_part(
+        self, key: str, upload_id: str, number: int, body: bytes, md5: bytes | None = None
+    ) -> str:
+        """UploadPart; the part's ETag. Without *md5* the server checks only the length."""
+        query = {"partNumber": str(number), "uploadId": upload_id}
+        _, answer = self._put(f"UPLOAD PART {number}", key, query, body, [], md5)
+        return answer.get("etag", "")
+
+    def _put(
+        self,
+        what: str,
+        key: str,
+        query: dict[str, str] | None,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        md5: bytes | None,
+    ) -> tuple[int, dict[str, str]]:
+        """The server checks Content-MD5; the payload itself is not signed (UNSIGNED-PAYLOAD),
+        so it is hashed once, not twice (botocore signs a plain-HTTP payload with SHA-256)."""
         if not self.enabled:
             raise FastHeadError("disabled")
-        digest = base64.b64encode(hashlib.md5(body).digest()).decode()
+        headers = [*headers, ("content-length", str(len(body)))]
+        if md5 is not None:
+            headers.append(("content-md5", base64.b64encode(md5).decode()))
         head = self.request_bytes(
-            key,
-            method="PUT",
-            headers=[
-                *headers,
-                ("content-length", str(len(body))),
-                ("content-md5", digest),
-            ],
-            payload_hash="UNSIGNED-PAYLOAD",
+            key, method="PUT", query=query, headers=headers, payload_hash="UNSIGNED-PAYLOAD"
         )
-        status, answer, _ = self._call("PUT", head + body)
+        status, answer, reply = self._call(what, head, payload=body)
         if status != 200:
-            self._refused(status)
-            raise FastHeadError(f"PUT HTTP {status}")
+            code = _error_code(_xml_root(reply))
+            self._refused(status, code)
+            raise FastHeadError(f"{what}: HTTP {status} {code}")
         return status, answer
 
-    def _refused(self, status: int) -> None:
-        if status in (400, 403):
+    # -- multipart control plane -------------------------------------------------------------
+
+    def create_multipart(self, key: str, headers: list[tuple[str, str]]) -> str:
+        """CreateMultipartUpload; its UploadId."""
+        root = self._xml_call("CREATE UPLOAD", key, "POST", {"uploads": ""}, headers=headers)
+        upload_id = root.findtext(f"{_ns(root)}UploadId")  # rclone names the root differently
+        if not upload_id:
+            raise FastHeadError(f"CREATE UPLOAD: no UploadId in {root.tag}")
+        return upload_id
+
+    def list_uploads(self, prefix: str) -> list[tuple[str, str, str]]:
+        """(key, upload id, initiated) of the first 1,000 uploads in progress under *prefix*."""
+        root = self._xml_call(
+            "LIST UPLOADS", "", "GET", {"uploads": "", "prefix": prefix}, none_if="NoSuchUpload"
+        )
+        if root.tag == "none":  # rclone's answer when there are none
+            return []
+        ns = _ns(root)
+        return [
+            (
+                u.findtext(f"{ns}Key") or "",
+                u.findtext(f"{ns}UploadId") or "",
+                u.findtext(f"{ns}Initiated") or "",
+            )
+            for u in root.iterfind(f"{ns}Upload")
+        ]
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+        """CompleteMultipartUpload; the object's ETag. An error in a 200 answer raises."""
+        body = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
+            for n, etag in parts
+        )
+        xml = f'<CompleteMultipartUpload xmlns="{_NS[1:-1]}">{body}</CompleteMultipartUpload>'
+        root = self._xml_call(
+            "COMPLETE UPLOAD", key, "POST", {"uploadId": upload_id}, payload=xml.encode()
+        )
+        return root.findtext(f"{_ns(root)}ETag") or ""
+
+    def _xml_call(
+        self,
+        what: str,
+        key: str,
+        method: str,
+        query: dict[str, str],
+        *,
+        headers: list[tuple[str, str]] | None = None,
+        payload: bytes = b"",
+        none_if: str | None = None,
+    ) -> ElementTree.Element:
+        """One signed request whose answer is an XML document; its root. An S3 error (in any
+        status, 200 included) raises, unless its code is *none_if*: then a root tagged
+        "none" comes back."""
+        if not self.enabled:
+            raise FastHeadError("disabled")
+        headers = [*(headers or []), ("content-length", str(len(payload)))]
+        request = self.request_bytes(
+            key,
+            method=method,
+            query=query,
+            headers=headers,
+            payload_hash=hashlib.sha256(payload).hexdigest(),
+        )
+        status, _, body = self._call(what, request, payload=payload, max_body=16 << 20)
+        root = _xml_root(body)
+        code = _error_code(root)
+        if code and code == none_if:
+            return ElementTree.Element("none")
+        if code or status != 200 or root is None:
+            self._refused(status, code)
+            raise FastHeadError(f"{what}: HTTP {status} {code}")
+        return root
+
+    def _refused(self, status: int, code: str = "") -> None:
+        if status in (400, 403) and code not in _REQUEST_ERRORS:
             # The server does not like our signing (or this path): stop trying it.
             self.enabled = False
             log.info("fast S3 path refused by the server (HTTP %d); using the full client", status)
 
     def _call(
-        self, what: str, request: bytes, *, body: bool = True, max_body: int | None = None
+        self,
+        what: str,
+        request: bytes,
+        *,
+        payload: bytes = b"",
+        body: bool = True,
+        max_body: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        """Send *request* on this thread's connection and read the whole answer (a HEAD's
-        has no body, whatever its Content-Length says)."""
-        conn, status, headers = self._send(what, request)
+        """Send *request* (then *payload*) on this thread's connection and read the whole
+        answer (a HEAD's has no body, whatever its Content-Length says)."""
+        conn, status, headers = self._send(what, request, payload)
         try:
             data = self._read_body(conn, headers, max_body) if body else b""
         except (OSError, ValueError) as exc:
@@ -369,10 +465,12 @@ class HeadClient:
             self._drop()
         return status, headers, data
 
-    def _send(self, what: str, request: bytes) -> tuple[_Conn, int, dict[str, str]]:
-        """Send *request* on this thread's connection; (connection, status, headers) with
-        the body still to read. A kept-alive connection the server closed meanwhile gets
-        one fresh try."""
+    def _send(
+        self, what: str, request: bytes, payload: bytes = b""
+    ) -> tuple[_Conn, int, dict[str, str]]:
+        """Send *request* and *payload* on this thread's connection; (connection, status,
+        headers) with the body still to read. A kept-alive connection the server closed
+        meanwhile gets one fresh try."""
         conn = self._live_conn()
         for attempt in range(2):
             reused = conn is not None
@@ -380,6 +478,8 @@ class HeadClient:
                 if conn is None:
                     conn = self._local.conn = self._connect()
                 conn.sock.sendall(request)
+                if payload:
+                    conn.sock.sendall(payload)
                 status, headers = self._read_response(conn)
                 return conn, status, headers
             except (OSError, ValueError) as exc:
@@ -561,12 +661,51 @@ class HeadClient:
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
+#: S3 error codes about one request's content, not about how we sign: they do not switch
+#: the fast path off (the caller falls back once, and the full client reports the error).
+_REQUEST_ERRORS = frozenset(
+    {
+        "BadDigest",
+        "EntityTooLarge",
+        "EntityTooSmall",
+        "IncompleteBody",
+        "InvalidDigest",
+        "InvalidPart",
+        "InvalidPartOrder",
+        "InvalidRange",
+        "NoSuchBucket",
+        "NoSuchKey",
+        "NoSuchUpload",
+        "RequestTimeout",
+    }
+)
+
+
+def _ns(root: ElementTree.Element) -> str:
+    """The S3 namespace prefix if the document uses it (some servers leave it out)."""
+    return _NS if root.tag.startswith(_NS) else ""
+
+
+def _xml_root(body: bytes) -> ElementTree.Element | None:
+    try:
+        return ElementTree.fromstring(body) if body.strip() else None
+    except ElementTree.ParseError:
+        return None
+
+
+def _error_code(root: ElementTree.Element | None) -> str:
+    """The Code of an S3 <Error> document ("" if *root* is not one)."""
+    if root is None or root.tag.rpartition("}")[2] != "Error":
+        return ""
+    return root.findtext(f"{_ns(root)}Code") or "Error"
+
+
 def _parse_list(body: bytes) -> dict[str, Any]:
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
         raise FastHeadError(f"LIST: bad XML: {exc}") from exc
-    ns = _NS if root.tag.startswith(_NS) else ""
+    ns = _ns(root)
     if root.tag != f"{ns}ListBucketResult":
         raise FastHeadError(f"LIST: unexpected answer {root.tag}")
     url = root.findtext(f"{ns}EncodingType") == "url"

@@ -3,6 +3,7 @@ byte path). botocore's own retries are off: the engine retries and resumes."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -155,9 +156,12 @@ class Boto3Store:
                 parts[n] = PartInfo(number=n, size=int(p["Size"]), etag=p.get("ETag", ""))
         return parts
 
-    def upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, data: bytes, md5: bytes | None
+    ) -> str:
+        extra = {"ContentMD5": base64.b64encode(md5).decode()} if md5 is not None else {}
         r = self._client.upload_part(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, **extra
         )
         return str(r["ETag"])
 

@@ -422,21 +422,55 @@ class CrtStore:
             if (root.findtext(f"{ns}IsTruncated") or "").lower() != "true" or not token:
                 return
 
+    # Multipart calls go the fast path when there is one (an upload then never imports
+    # boto3, ~0.3 s), else boto3; list_parts and abort (resume only) always go boto3.
+
     def create_multipart(self, bucket: str, key: str, metadata: Mapping[str, str]) -> str:
+        fast = self._fast.client(bucket)
+        if fast is not None:
+            meta = [(f"x-amz-meta-{k}".lower(), v) for k, v in metadata.items()]
+            try:
+                return fast.create_multipart(key, meta)
+            except FastHeadError as exc:
+                log.debug("fast CREATE UPLOAD %s: %s; using boto3", key, exc)
         return self._fallback().create_multipart(bucket, key, metadata)
 
     def list_uploads(self, bucket: str, key: str) -> list[UploadInfo]:
+        fast = self._fast.client(bucket)
+        if fast is not None:
+            try:
+                return [
+                    UploadInfo(upload_id=uid, initiated=_iso_ts(initiated))
+                    for k, uid, initiated in fast.list_uploads(key)
+                    if k == key
+                ]
+            except FastHeadError as exc:
+                log.debug("fast LIST UPLOADS %s: %s; using boto3", key, exc)
         return self._fallback().list_uploads(bucket, key)
 
     def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[int, PartInfo]:
         return self._fallback().list_parts(bucket, key, upload_id)
 
-    def upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes) -> str:
-        return self._fallback().upload_part(bucket, key, upload_id, number, data)
+    def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, data: bytes, md5: bytes | None
+    ) -> str:
+        fast = self._fast.client(bucket)
+        if fast is not None:
+            try:
+                return fast.upload_part(key, upload_id, number, data, md5)
+            except FastHeadError as exc:
+                log.debug("fast UPLOAD PART %d of %s: %s; using boto3", number, key, exc)
+        return self._fallback().upload_part(bucket, key, upload_id, number, data, md5)
 
     def complete_multipart(
         self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
     ) -> str:
+        fast = self._fast.client(bucket)
+        if fast is not None:
+            try:
+                return fast.complete_multipart(key, upload_id, parts)
+            except FastHeadError as exc:
+                log.debug("fast COMPLETE UPLOAD %s: %s; using boto3", key, exc)
         return self._fallback().complete_multipart(bucket, key, upload_id, parts)
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:

@@ -91,8 +91,11 @@ class ObjectStore(Protocol):
     def list_parts(self, bucket: str, key: str, upload_id: str) -> dict[int, PartInfo]: ...
 
     def upload_part(
-        self, bucket: str, key: str, upload_id: str, number: int, data: bytes
-    ) -> str: ...
+        self, bucket: str, key: str, upload_id: str, number: int, data: bytes, md5: bytes | None
+    ) -> str:
+        """Upload one part; *md5* (its digest), if given, goes as Content-MD5 for the server
+        to check."""
+        ...
 
     def complete_multipart(
         self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]

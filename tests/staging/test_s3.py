@@ -478,3 +478,75 @@ def test_plain_etag_one_bad_chunk_mid_file_is_caught(
     assert res.state == "failed" and "does not match" in res.errors[0].message, res.errors
     assert not (tmp_path / "d" / "big.bin").exists()
     assert leftovers(tmp_path / "d") == []
+
+
+class _CompleteAnswersStore(Boto3Store):
+    """Completes for real, then reports *etag* (if given) instead of the server's ETag, and
+    *size* (if given) at HEAD: what a broken server would say. Counts HEADs after a
+    completion."""
+
+    def __init__(self, etag: str | None = None, size: int | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.answer_etag = etag
+        self.answer_size = size
+        self.completed = False
+        self.heads_after_complete = 0
+
+    def complete_multipart(
+        self, bucket: str, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str:
+        etag = super().complete_multipart(bucket, key, upload_id, parts)
+        self.completed = True
+        return etag if self.answer_etag is None else self.answer_etag
+
+    def head(self, bucket: str, key: str) -> ObjectInfo | None:
+        info = super().head(bucket, key)
+        if self.completed:
+            self.heads_after_complete += 1
+            if info is not None and self.answer_size is not None:
+                info = ObjectInfo(key=key, size=self.answer_size, etag=info.etag)
+        return info
+
+
+@pytest.mark.parametrize(
+    ("etag", "size", "error"),
+    [
+        ('"' + "0" * 32 + '-3"', None, "multipart ETag"),  # not our parts
+        ('"opaque"', 1, "stored object has 1 bytes"),  # no checkable ETag: size decides
+    ],
+)
+def test_completed_upload_is_checked_against_its_parts(
+    rclone_s3: S3Server, bucket_name: str, tmp_path: Path, etag: str, size: int, error: str
+) -> None:
+    bucket = rclone_s3.make_bucket(bucket_name)
+    write_random(tmp_path / "big.bin", 12 * MiB + 5, seed=9)
+    store = _CompleteAnswersStore(etag, size, endpoint_url=rclone_s3.endpoint)
+    dst = f"s3://{bucket}/big.bin"
+    bad = copy(str(tmp_path / "big.bin"), dst, _opts(chunk_size=5 * MiB), store=store)
+    assert bad.state == "failed" and error in bad.errors[0].message, bad.errors
+
+
+def test_matching_multipart_etag_needs_no_head(
+    rclone_s3: S3Server, bucket_name: str, tmp_path: Path
+) -> None:
+    """`rclone serve s3` answers a HEAD right after a multipart upload by hashing the whole
+    object; a completion ETag built from our own part MD5s already proves the content."""
+    bucket = rclone_s3.make_bucket(bucket_name)
+    src = tmp_path / "big.bin"
+    write_random(src, 12 * MiB + 5, seed=10)
+    store = _CompleteAnswersStore(endpoint_url=rclone_s3.endpoint)
+    up = copy(str(src), f"s3://{bucket}/big.bin", _opts(chunk_size=5 * MiB), store=store)
+    assert up.ok and store.completed, up.errors
+    assert store.heads_after_complete == 0
+    body = rclone_s3.client().get_object(Bucket=bucket, Key="big.bin")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == _sha(src)
+    # Without verification there is no expected ETag: HEAD checks the size.
+    store.completed = False
+    nover = copy(
+        str(src),
+        f"s3://{bucket}/again/big.bin",
+        _opts(chunk_size=5 * MiB, verify=False),
+        store=store,
+    )
+    assert nover.ok and store.completed, nover.errors
+    assert store.heads_after_complete == 1
