@@ -71,7 +71,8 @@ VERIFIES = {
         "size of every file; downloads: MD5 of the whole file against a plain ETag (or the "
         "multipart ETag rebuilt from part MD5s), hashed while the chunks land, before the "
         "rename; every ranged GET must return the ETag seen at HEAD; uploads: MD5 of every "
-        "part / object against the ETag the server returns, and the completed multipart ETag; "
+        "part / object, sent as Content-MD5 and checked against the ETag the server returns, "
+        "and the completed multipart ETag against the one rebuilt from the part MD5s; "
         "local: byte count copied = source size, source size+mtime unchanged since the walk"
     ),
     "stowage --no-verify": "size only (diagnostic: what verification costs)",
@@ -98,6 +99,10 @@ VERIFIES = {
 class Run:
     seconds: float
     max_rss_mib: float
+    #: The tool's own user + system CPU seconds (wait4).
+    cpu_s: float = 0.0
+    #: CPU seconds the S3 server spent meanwhile (None for local copies).
+    server_cpu_s: float | None = None
 
 
 @dataclass
@@ -135,8 +140,16 @@ def loadavg() -> str:
     return "?"
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> Run:
-    """Run *cmd*, return wall time and its own peak RSS (not the benchmark's)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (utime and stime of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], env: dict[str, str], server_pid: int | None = None) -> Run:
+    """Run *cmd*, return wall time, its own peak RSS and CPU (not the benchmark's), and the
+    CPU the server at *server_pid* spent meanwhile."""
+    server_before = cpu_seconds(server_pid) if server_pid else 0.0
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
@@ -147,7 +160,8 @@ def timed(cmd: list[str], env: dict[str, str]) -> Run:
     if proc.returncode != 0:
         text = err.decode(errors="replace")[-2000:]
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {text}")
-    return Run(seconds, usage.ru_maxrss / 1024)
+    server = cpu_seconds(server_pid) - server_before if server_pid else None
+    return Run(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, server)
 
 
 def _free_port() -> int:
@@ -255,6 +269,7 @@ class Bench:
         self.args = args
         self.work = work
         self.ep = server.endpoint
+        self.server_pid = server.proc.pid
         self.env = _env()
         self.env.update(
             {
@@ -306,7 +321,8 @@ class Bench:
                 reset()
                 os.sync()
                 try:
-                    sc.runs[tool].append(timed(cmd_for(rep), self.env))
+                    pid = self.server_pid if sc.name.startswith("s3-") else None
+                    sc.runs[tool].append(timed(cmd_for(rep), self.env, pid))
                 except RuntimeError as exc:
                     self.errors.append(f"{sc.name} {tool}: {exc}")
                     print(f"  ERROR {sc.name} {tool}: {exc}", flush=True)
@@ -376,7 +392,12 @@ class Bench:
             }
             if self.aws:
                 runs["aws"] = lambda r: self.awscli("cp", str(big), f"s3://bench/aw{r}/big.bin")
-            self.compare(Scenario("s3-up-1g", f"{a.big_mib} MiB file", big_mib, 1), runs, _noop)
+            self.compare(
+                Scenario("s3-up-1g", f"{a.big_mib} MiB file", big_mib, 1),
+                runs,
+                _noop,
+                reps=a.big_reps,
+            )
         if want("s3-down-1g"):
             src = "s3://bench/src/big.bin"
             runs = {
@@ -391,6 +412,7 @@ class Bench:
                 Scenario("s3-down-1g", f"{a.big_mib} MiB object", big_mib, 1),
                 runs,
                 self.down_reset(out, "src/big.bin"),
+                reps=a.big_reps,
             )
         for kind, tree, count, mib, what in (
             ("10k", small, a.small_count, small_mib, f"{a.small_count:,} x 16 KiB"),
@@ -495,7 +517,7 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
     w(
         f"Every tool copies the same data, S3 tools against one loopback `rclone serve s3`, in "
         f"one run, interleaved per repetition; each figure is the median of {a.reps} runs "
-        f"({a.local_reps} for the local scenarios) "
+        f"({a.big_reps} for the 1 GiB object, {a.local_reps} for the local scenarios) "
         f"(all runs under *Detail*). Verification stays on (default options of every tool; "
         f"what each one checks is under *Notes*). Total wall time {elapsed:.0f} s.\n"
     )
@@ -555,6 +577,28 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
         ]
         w(f"| {sc.name} | " + " | ".join(cells) + " |")
     w("")
+    w("### CPU seconds (median; tool's own + the S3 server's meanwhile)\n")
+    w(
+        "Client and server share the cores: where client + server CPU comes near the wall "
+        "time times the core count, the scenario is CPU-bound, and a client that spends less "
+        "leaves more for the server.\n"
+    )
+    w("| scenario | " + " | ".join(tools) + " |")
+    w("|---|" + "---|" * len(tools))
+    for sc in b.results.values():
+        cells = []
+        for t in tools:
+            rs = sc.runs.get(t, [])
+            if not rs:
+                cells.append("n/a")
+                continue
+            cpu = statistics.median(r.cpu_s for r in rs)
+            servers = [r.server_cpu_s for r in rs if r.server_cpu_s is not None]
+            cells.append(
+                f"{cpu:.2f} + {statistics.median(servers):.2f}" if servers else f"{cpu:.2f}"
+            )
+        w(f"| {sc.name} | " + " | ".join(cells) + " |")
+    w("")
     w("### Notes (read first)\n")
     w(
         f"- Load average (1/5/15 min) went from {facts['load average at start']} to "
@@ -566,12 +610,21 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
     for tool, text in VERIFIES.items():
         w(f"  - {tool}: {text}.")
     w(
-        "- `rclone serve s3` keeps objects as plain files and its ETag is always the plain MD5 "
-        "of the whole file (even after a multipart upload); it returns no x-amz-checksum-* "
-        "headers and ignores If-Match. So a verified download here needs one sequential MD5 "
-        "of every byte: about 1.4 s of one core per GiB on this CPU (hashlib/OpenSSL, "
-        "~700 MiB/s quiet, ~460 MiB/s under load), while s5cmd, which checks nothing, moves "
-        "1 GiB in 0.9-3.7 s depending on load. `stowage --no-verify` shows the copy without it."
+        "- `rclone serve s3` keeps objects as plain files and its ETag is the plain MD5 of the "
+        "whole file (computed on first HEAD or listing, 1.5 s per GiB, then cached); it "
+        "returns no x-amz-checksum-* headers and ignores If-Match. So a verified download here "
+        "needs one sequential MD5 of every byte: about 1.6 s of one core per GiB on this CPU "
+        "(hashlib/OpenSSL), more than s5cmd, which checks nothing, takes for the whole copy. "
+        "`stowage --no-verify` shows the copy without it."
+    )
+    w(
+        "- Uploads: `rclone serve s3` MD5s every part, then streams the parts in part-number "
+        "order through one pipe into the file (a part that arrives early waits in memory, and "
+        "the request that delivers the next part in order writes all the waiting ones before "
+        "it answers; rclone's cmd/serve/s3/multipart.go). That costs the server several "
+        "seconds of CPU per GiB whichever client sends it (see *CPU seconds*), so on 2 cores "
+        "the 1 GiB upload is bound by the server: a client can only win by the CPU it leaves "
+        "free."
     )
     if b.errors:
         w("- Errors (missing from the medians): " + "; ".join(b.errors))
@@ -617,6 +670,13 @@ def main() -> int:
         default=9,
         help="repetitions of the local scenarios: about a second each, and on ext4 with "
         "online discard they swing by a factor of 5 (cp -a 0.16-1.91 s), so 3 runs say little",
+    )
+    ap.add_argument(
+        "--big-reps",
+        type=int,
+        default=5,
+        help="repetitions of the 1 GiB scenarios: server-bound, so stowage and s5cmd finish "
+        "within noise of each other and runs swing by 30%% (5.2-7.4 s up)",
     )
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--big-mib", type=int, default=1024)
