@@ -64,7 +64,11 @@ def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="S3 byte path: crt (awscrt, fast), boto3, or auto (crt when installed)",
     )
     p.add_argument("--retries", type=int, default=5, help="retries per request (default 5)")
-    p.add_argument("--no-verify", action="store_true", help="check sizes only, not checksums")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checksums and ETags: check sizes only (fast, trusts the store)",
+    )
     p.add_argument("--force", action="store_true", help="copy even files that look unchanged")
     p.add_argument("--fsync", action="store_true", help="sync the destination at the end")
     p.add_argument(
