@@ -5,9 +5,10 @@ HEADs every entry for its s3fs metadata, and botocore spends over a millisecond 
 request (endpoint rules, event hooks, response parsing) where the server answers in tens of
 microseconds. The copy core moves 10,000 small objects, where the CRT client's per-request
 machinery (buffer pool, callbacks into Python from its threads) cost more than the transfer.
-A hand-signed HEAD, LIST, GET or PUT costs a fraction of either. This path is an optimisation
-only: path-style endpoints, small bodies, and anything unexpected raises `FastHeadError` so
-the caller uses its general client instead.
+A hand-signed HEAD, LIST, GET or PUT (multipart parts and their control calls included) costs
+a fraction of either. This path is an optimisation only: path-style endpoints, bodies held in
+memory, and anything unexpected raises `FastPathError` so the caller uses its general client
+instead.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def read_exact(fp: io.BufferedReader, sock: socket.socket, view: memoryview) -> 
     return done
 
 
-class FastHeadError(Exception):
+class FastPathError(Exception):
     """This request could not be answered on the fast path; use boto3."""
 
 
@@ -98,8 +99,8 @@ class _Conn:
             self.sock.close()
 
 
-class HeadClient:
-    """HEAD object requests for one bucket; thread-safe (one connection per thread)."""
+class FastClient:
+    """Signed S3 requests for one bucket; thread-safe (one kept-alive connection per thread)."""
 
     def __init__(
         self,
@@ -221,9 +222,9 @@ class HeadClient:
     ) -> dict[str, Any]:
         """ListObjectsV2, parsed like botocore does (the keys this module's caller uses):
         Contents [Key, Size, ETag, LastModified ns], CommonPrefixes [Prefix], IsTruncated,
-        NextContinuationToken. Blocking; FastHeadError for anything unexpected."""
+        NextContinuationToken. Blocking; FastPathError for anything unexpected."""
         if not self.enabled:
-            raise FastHeadError("disabled")
+            raise FastPathError("disabled")
         query = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
         query["prefix"] = prefix
         if delimiter:
@@ -234,32 +235,32 @@ class HeadClient:
         status, _headers, body = self._call("LIST", request)
         if status != 200:
             self._refused(status)
-            raise FastHeadError(f"LIST HTTP {status}")
+            raise FastPathError(f"LIST HTTP {status}")
         return _parse_list(body)
 
     def get_object(self, key: str, max_size: int) -> tuple[int, dict[str, str], bytes]:
         """GET a whole (small) object: (status, lower-cased headers, body). 200 and 404 come
-        back; anything else, or a body over *max_size*, raises FastHeadError."""
+        back; anything else, or a body over *max_size*, raises FastPathError."""
         if not self.enabled:
-            raise FastHeadError("disabled")
+            raise FastPathError("disabled")
         status, headers, body = self._call(
             "GET", self.request_bytes(key, method="GET"), max_body=max_size
         )
         if status not in (200, 404):
             self._refused(status)
-            raise FastHeadError(f"GET HTTP {status}")
+            raise FastPathError(f"GET HTTP {status}")
         return status, headers, body
 
     def get_many(
         self, keys: list[str], max_size: int
-    ) -> list[tuple[int, dict[str, str], bytes] | FastHeadError]:
+    ) -> list[tuple[int, dict[str, str], bytes] | FastPathError]:
         """GET several whole (small) objects, pipelined on this thread's connection: one
         send for all requests, answers read back to back. Each result is what `get_object`
-        returns or raises; after a broken connection the rest fail with FastHeadError, for
+        returns or raises; after a broken connection the rest fail with FastPathError, for
         the caller's own path."""
         if not self.enabled or not (self.keepalive and self.pipelining):
-            return [FastHeadError("no pipelining") for _ in keys]
-        out: list[tuple[int, dict[str, str], bytes] | FastHeadError] = []
+            return [FastPathError("no pipelining") for _ in keys]
+        out: list[tuple[int, dict[str, str], bytes] | FastPathError] = []
         conn = self._live_conn()
         try:
             if conn is None:
@@ -270,16 +271,16 @@ class HeadClient:
                 body = self._read_body(conn, headers, max_size)
                 if status not in (200, 404):
                     self._refused(status)
-                    out.append(FastHeadError(f"GET HTTP {status}"))
+                    out.append(FastPathError(f"GET HTTP {status}"))
                 else:
                     out.append((status, headers, body))
             if not conn.reusable:
                 self._drop()
-        except (OSError, ValueError, FastHeadError) as exc:
+        except (OSError, ValueError, FastPathError) as exc:
             self._drop()
             if out or len(keys) > 1:
                 log.debug("pipelined GETs broke after %d answers: %s", len(out), exc)
-            out += [FastHeadError(f"GET transport: {exc}")] * (len(keys) - len(out))
+            out += [FastPathError(f"GET transport: {exc}")] * (len(keys) - len(out))
         return out
 
     def get_range_into(
@@ -287,10 +288,10 @@ class HeadClient:
     ) -> dict[str, str]:
         """GET bytes `[start, start + len(view))` of *key* into *view*; returns the answer's
         lower-cased headers. Anything but an answer for exactly that range (a missing object, a
-        changed ETag, a server that ignored Range, a broken stream) raises FastHeadError, and
+        changed ETag, a server that ignored Range, a broken stream) raises FastPathError, and
         the caller asks its general client."""
         if not self.enabled:
-            raise FastHeadError("disabled")
+            raise FastPathError("disabled")
         end = start + len(view) - 1
         extra = [("range", f"bytes={start}-{end}")]
         if etag:
@@ -305,18 +306,18 @@ class HeadClient:
         ):
             self._drop()  # the body (if any) stays unread
             self._refused(status)
-            raise FastHeadError(f"GET {key} [{start}, {end}]: HTTP {status} {answered!r}")
+            raise FastPathError(f"GET {key} [{start}, {end}]: HTTP {status} {answered!r}")
         if etag and headers.get("etag", "").strip('"') not in ("", etag):
             self._drop()  # a server that ignores If-Match (rclone) sent another version
-            raise FastHeadError(f"GET {key}: the object changed on the server")
+            raise FastPathError(f"GET {key}: the object changed on the server")
         try:
             n = read_exact(conn.rfile, conn.sock, view)
         except (OSError, ValueError) as exc:
             self._drop()
-            raise FastHeadError(f"GET transport: {exc}") from exc
+            raise FastPathError(f"GET transport: {exc}") from exc
         if n != len(view):
             self._drop()
-            raise FastHeadError(f"GET {key}: body ended after {n} of {len(view)} bytes")
+            raise FastPathError(f"GET {key}: body ended after {n} of {len(view)} bytes")
         if not conn.reusable:
             self._drop()
         return headers
@@ -348,7 +349,7 @@ class HeadClient:
         """The server checks Content-MD5; the payload itself is not signed (UNSIGNED-PAYLOAD),
         so it is hashed once, not twice (botocore signs a plain-HTTP payload with SHA-256)."""
         if not self.enabled:
-            raise FastHeadError("disabled")
+            raise FastPathError("disabled")
         headers = [*headers, ("content-length", str(len(body)))]
         if md5 is not None:
             headers.append(("content-md5", base64.b64encode(md5).decode()))
@@ -359,7 +360,7 @@ class HeadClient:
         if status != 200:
             code = _error_code(_xml_root(reply))
             self._refused(status, code)
-            raise FastHeadError(f"{what}: HTTP {status} {code}")
+            raise FastPathError(f"{what}: HTTP {status} {code}")
         return status, answer
 
     # -- multipart control plane -------------------------------------------------------------
@@ -369,7 +370,7 @@ class HeadClient:
         root = self._xml_call("CREATE UPLOAD", key, "POST", {"uploads": ""}, headers=headers)
         upload_id = root.findtext(f"{_ns(root)}UploadId")  # rclone names the root differently
         if not upload_id:
-            raise FastHeadError(f"CREATE UPLOAD: no UploadId in {root.tag}")
+            raise FastPathError(f"CREATE UPLOAD: no UploadId in {root.tag}")
         return upload_id
 
     def list_uploads(self, prefix: str) -> list[tuple[str, str, str]]:
@@ -416,7 +417,7 @@ class HeadClient:
         status, 200 included) raises, unless its code is *none_if*: then a root tagged
         "none" comes back."""
         if not self.enabled:
-            raise FastHeadError("disabled")
+            raise FastPathError("disabled")
         headers = [*(headers or []), ("content-length", str(len(payload)))]
         request = self.request_bytes(
             key,
@@ -432,7 +433,7 @@ class HeadClient:
             return ElementTree.Element("none")
         if code or status != 200 or root is None:
             self._refused(status, code)
-            raise FastHeadError(f"{what}: HTTP {status} {code}")
+            raise FastPathError(f"{what}: HTTP {status} {code}")
         return root
 
     def _refused(self, status: int, code: str = "") -> None:
@@ -457,8 +458,8 @@ class HeadClient:
             data = self._read_body(conn, headers, max_body) if body else b""
         except (OSError, ValueError) as exc:
             self._drop()
-            raise FastHeadError(f"{what} transport: {exc}") from exc
-        except FastHeadError:
+            raise FastPathError(f"{what} transport: {exc}") from exc
+        except FastPathError:
             self._drop()
             raise
         if not conn.reusable:
@@ -487,11 +488,11 @@ class HeadClient:
                 conn = None
                 if attempt == 0 and reused and not isinstance(exc, TimeoutError):
                     continue
-                raise FastHeadError(f"{what} transport: {exc}") from exc
-            except FastHeadError:
+                raise FastPathError(f"{what} transport: {exc}") from exc
+            except FastPathError:
                 self._drop()
                 raise
-        raise FastHeadError("unreachable")
+        raise FastPathError("unreachable")
 
     def _read_body(
         self, conn: _Conn, headers: dict[str, str], max_body: int | None = None
@@ -514,9 +515,9 @@ class HeadClient:
                 conn.rfile.readline(8)
         length = headers.get("content-length")
         if length is None:
-            raise FastHeadError("body without a length")
+            raise FastPathError("body without a length")
         if max_body is not None and int(length) > max_body:
-            raise FastHeadError(f"body of {length} bytes is over {max_body}")
+            raise FastPathError(f"body of {length} bytes is over {max_body}")
         data = conn.rfile.read(int(length))
         if len(data) != int(length):
             raise ConnectionResetError("short body")
@@ -565,7 +566,7 @@ class HeadClient:
             raise ConnectionResetError("connection closed by the server")
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise FastHeadError(f"bad status line {status_line[:80]!r}")
+            raise FastPathError(f"bad status line {status_line[:80]!r}")
         status = int(parts[1])
         headers: dict[str, str] = {}
         while True:
@@ -583,20 +584,20 @@ class HeadClient:
                 raise ConnectionResetError("connection closed in the headers")
             name, sep, value = line.decode("latin-1").partition(":")
             if not sep:
-                raise FastHeadError(f"bad header line {line[:80]!r}")
+                raise FastPathError(f"bad header line {line[:80]!r}")
             headers[name.strip().lower()] = value.strip()
 
     def head_many(
         self, keys: list[str], window: int = 16
-    ) -> list[tuple[int, dict[str, str]] | FastHeadError]:
+    ) -> list[tuple[int, dict[str, str]] | FastPathError]:
         """HEAD several keys over this thread's connection, pipelined *window* at a time
         (no round trip per request). Each result is what `head` returns or raises; keys
-        after a broken connection fail with FastHeadError, for the caller's fallback."""
-        out: list[tuple[int, dict[str, str]] | FastHeadError] = []
+        after a broken connection fail with FastPathError, for the caller's fallback."""
+        out: list[tuple[int, dict[str, str]] | FastPathError] = []
         i = 0
         while i < len(keys):
             if not self.enabled:
-                out += [FastHeadError("disabled")] * (len(keys) - i)
+                out += [FastPathError("disabled")] * (len(keys) - i)
                 break
             batch = keys[i : i + (window if self.keepalive and self.pipelining else 1)]
             conn = self._live_conn()
@@ -607,7 +608,7 @@ class HeadClient:
                 answers = [self._read_response(conn) for _ in batch]
                 if not conn.reusable:
                     self._drop()
-            except (OSError, ValueError, FastHeadError) as exc:
+            except (OSError, ValueError, FastPathError) as exc:
                 self._drop()
                 if len(batch) > 1:
                     self.pipelining = False
@@ -616,7 +617,7 @@ class HeadClient:
                 for k in batch:
                     try:
                         out.append(self.head(k))
-                    except FastHeadError as err:
+                    except FastPathError as err:
                         out.append(err)
                 log.debug("pipelined HEADs fell back to single requests: %s", exc)
                 i += len(batch)
@@ -626,7 +627,7 @@ class HeadClient:
                     self.enabled = False
                     log.info("fast HEAD path refused by the server (HTTP %d)", status)
                 if status not in (200, 404):
-                    out.append(FastHeadError(f"HTTP {status}"))
+                    out.append(FastPathError(f"HTTP {status}"))
                 else:
                     out.append((status, headers))
             self._failures = 0
@@ -636,13 +637,13 @@ class HeadClient:
     def head(self, key: str) -> tuple[int, dict[str, str]]:
         """(status, lower-cased headers) of HEAD *key*. Blocking: call from a worker thread.
 
-        Only 200 and 404 come back; other answers raise `FastHeadError`, and 400/403 (the
+        Only 200 and 404 come back; other answers raise `FastPathError`, and 400/403 (the
         server does not like our signing) or repeated transport errors switch it off."""
         if not self.enabled:
-            raise FastHeadError("disabled")
+            raise FastPathError("disabled")
         try:
             status, headers = self._exchange(self.request_bytes(key))
-        except FastHeadError:
+        except FastPathError:
             self._failures += 1
             if self._failures >= MAX_FAILURES and self.enabled:
                 self.enabled = False
@@ -652,9 +653,9 @@ class HeadClient:
         if status in (400, 403):
             self.enabled = False
             log.info("fast HEAD path refused by the server (HTTP %d); using boto3", status)
-            raise FastHeadError(f"HTTP {status}")
+            raise FastPathError(f"HTTP {status}")
         if status not in (200, 404):
-            raise FastHeadError(f"HTTP {status}")
+            raise FastPathError(f"HTTP {status}")
         return status, headers
 
 
@@ -704,15 +705,15 @@ def _parse_list(body: bytes) -> dict[str, Any]:
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
-        raise FastHeadError(f"LIST: bad XML: {exc}") from exc
+        raise FastPathError(f"LIST: bad XML: {exc}") from exc
     ns = _ns(root)
     if root.tag != f"{ns}ListBucketResult":
-        raise FastHeadError(f"LIST: unexpected answer {root.tag}")
+        raise FastPathError(f"LIST: unexpected answer {root.tag}")
     url = root.findtext(f"{ns}EncodingType") == "url"
 
     def _name(value: str | None) -> str:
         if value is None:
-            raise FastHeadError("LIST: entry without a name")
+            raise FastPathError("LIST: entry without a name")
         return unquote_plus(value) if url else value  # as botocore decodes it
 
     contents = []
@@ -760,8 +761,8 @@ def parse_http_date(value: str | None) -> int:
     return calendar.timegm(parsed) * 1_000_000_000
 
 
-def from_boto3_client(client: Any, bucket: str, **timeouts: float) -> HeadClient | None:
-    """A HeadClient with the boto3 client's endpoint, region and credentials, or None if
+def from_boto3_client(client: Any, bucket: str, **timeouts: float) -> FastClient | None:
+    """A FastClient with the boto3 client's endpoint, region and credentials, or None if
     that client is not one this path can imitate (virtual-host style, anonymous, ...)."""
     try:
         meta = client.meta
@@ -783,7 +784,7 @@ def from_boto3_client(client: Any, bucket: str, **timeouts: float) -> HeadClient
         return frozen.access_key, frozen.secret_key, frozen.token
 
     try:
-        return HeadClient(endpoint, bucket, region, _credentials, **timeouts)
+        return FastClient(endpoint, bucket, region, _credentials, **timeouts)
     except ValueError as exc:
         log.info("fast HEAD path not used: %s", exc)
         return None

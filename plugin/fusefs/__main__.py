@@ -126,9 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-writeback-cache", action="store_true")
     p.add_argument(
-        "--no-fast-head",
+        "--no-fast-path",
         action="store_true",
-        help="HEAD objects through boto3 only (not the lighter signed-request path)",
+        help="every request through boto3, not the signed-request path (HEAD, LIST, GET)",
     )
     p.add_argument(
         "--retry-interval",
@@ -244,8 +244,8 @@ async def _connect(
         lazy.fail(str(exc))
         done.set()
         return
-    if not args.no_fast_head:
-        store.fast_head = s3fast.from_boto3_client(
+    if not args.no_fast_path:
+        store.fast_client = s3fast.from_boto3_client(
             client,
             args.bucket,
             connect_timeout=args.connect_timeout,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
-from plugin.s3fast import FastHeadError, HeadClient, parse_http_date, read_exact
+from plugin.s3fast import FastClient, FastPathError, parse_http_date, read_exact
 
 if TYPE_CHECKING:
     from plugin.fusefs.cache import UploadConfig
@@ -164,7 +164,7 @@ class ObjectStore:
         #: Ranged GETs get their own threads, so read-ahead never starves HEAD and LIST.
         self._data_limiter = trio.CapacityLimiter(data_threads)
         #: Cheap signed HEADs for metadata (see plugin.s3fast); None means boto3 only.
-        self.fast_head: HeadClient | None = None
+        self.fast_client: FastClient | None = None
 
     async def _run(
         self,
@@ -230,7 +230,7 @@ class ObjectStore:
         that key's answer, so one bad object does not fail the others."""
         results: list[ObjectInfo | FsError | None] = [None] * len(keys)
         todo = list(range(len(keys)))
-        fast = self.fast_head
+        fast = self.fast_client
         if fast is not None and fast.enabled and keys:
             streams = min(HEAD_STREAMS, -(-len(keys) // 16))
             chunks = [todo[i::streams] for i in range(streams)]
@@ -241,7 +241,7 @@ class ObjectStore:
                     fast.head_many, [keys[i] for i in idx], limiter=self._limiter
                 )
                 for i, answer in zip(idx, answers, strict=True):
-                    if isinstance(answer, FastHeadError):
+                    if isinstance(answer, FastPathError):
                         retry.append(i)
                     else:
                         results[i] = self._info_from_headers(keys[i], *answer)
@@ -265,13 +265,13 @@ class ObjectStore:
         return results
 
     async def head(self, key: str, *, fast: bool = True) -> ObjectInfo | None:
-        client = self.fast_head
+        client = self.fast_client
         if fast and client is not None and client.enabled:
             try:
                 status, headers = await trio.to_thread.run_sync(
                     client.head, key, limiter=self._limiter
                 )
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast HEAD %s: %s; asking boto3", key, exc)
             else:
                 return self._info_from_headers(key, status, headers)
@@ -298,13 +298,13 @@ class ObjectStore:
             kwargs["ContinuationToken"] = token
         log.debug("list %s (continued: %s)", prefix, token is not None)
         r: dict[str, Any] | None = None
-        fast = self.fast_head
+        fast = self.fast_client
         if fast is not None and fast.enabled:
             try:
                 r = await trio.to_thread.run_sync(
                     fast.list_v2, prefix, token, delimiter, max_keys, limiter=self._limiter
                 )
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast LIST %s: %s; asking boto3", prefix, exc)
         if r is None:
             r = await self._run(f"list {prefix}", self.client.list_objects_v2, **kwargs)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from awscrt import auth, http, io, s3  # type: ignore[import-untyped]
 from awscrt.exceptions import AwsCrtError  # type: ignore[import-untyped]
 
-from plugin.s3fast import FastHeadError, HeadClient
+from plugin.s3fast import FastClient, FastPathError
 from plugin.staging.store import NoCredentialsError, ObjectInfo, PartInfo, Sink, UploadInfo
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ class CrtStore:
             buf = self._fast.buffer(length)
             try:
                 h = fast.get_range_into(key, start, buf)
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast ranged GET %s: %s; using CRT", key, exc)
             else:
                 sink(start, buf)
@@ -279,7 +279,7 @@ class CrtStore:
         elif fast is not None and not headers:
             try:
                 status, h, body = fast.get_object(key, max_size=FAST_GET_MAX)
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast GET %s: %s; using CRT", key, exc)
             else:
                 if status == 404:
@@ -340,7 +340,7 @@ class CrtStore:
             return [None] * len(keys)
         out: list[tuple[ObjectInfo, bytes] | None] = []
         for key, got in zip(keys, fast.get_many(keys, max_size), strict=True):
-            if isinstance(got, FastHeadError) or got[0] != 200:
+            if isinstance(got, FastPathError) or got[0] != 200:
                 out.append(None)
             else:
                 out.append((_info(key, got[1]), got[2]))
@@ -354,7 +354,7 @@ class CrtStore:
             meta = [(f"x-amz-meta-{k}".lower(), v) for k, v in metadata.items()]
             try:
                 return fast.put_object(key, data, meta)[1].get("etag", "")
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast PUT %s: %s; using CRT", key, exc)
         headers = [(f"x-amz-meta-{k}", v) for k, v in metadata.items()]
         _, h = self._run(
@@ -431,7 +431,7 @@ class CrtStore:
             meta = [(f"x-amz-meta-{k}".lower(), v) for k, v in metadata.items()]
             try:
                 return fast.create_multipart(key, meta)
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast CREATE UPLOAD %s: %s; using boto3", key, exc)
         return self._fallback().create_multipart(bucket, key, metadata)
 
@@ -444,7 +444,7 @@ class CrtStore:
                     for k, uid, initiated in fast.list_uploads(key)
                     if k == key
                 ]
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast LIST UPLOADS %s: %s; using boto3", key, exc)
         return self._fallback().list_uploads(bucket, key)
 
@@ -458,7 +458,7 @@ class CrtStore:
         if fast is not None:
             try:
                 return fast.upload_part(key, upload_id, number, data, md5)
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast UPLOAD PART %d of %s: %s; using boto3", number, key, exc)
         return self._fallback().upload_part(bucket, key, upload_id, number, data, md5)
 
@@ -469,7 +469,7 @@ class CrtStore:
         if fast is not None:
             try:
                 return fast.complete_multipart(key, upload_id, parts)
-            except FastHeadError as exc:
+            except FastPathError as exc:
                 log.debug("fast COMPLETE UPLOAD %s: %s; using boto3", key, exc)
         return self._fallback().complete_multipart(bucket, key, upload_id, parts)
 
@@ -492,7 +492,7 @@ class CrtStore:
 
 
 class _FastPath:
-    """One `HeadClient` per bucket, for an explicit path-style endpoint (none for AWS's own
+    """One `FastClient` per bucket, for an explicit path-style endpoint (none for AWS's own
     virtual-hosted endpoints or an endpoint with a path: the CRT handles those)."""
 
     #: Credentials are asked of the CRT provider again after this many seconds.
@@ -505,7 +505,7 @@ class _FastPath:
             self._endpoint = None
         self._region = region
         self._provider = provider
-        self._clients: dict[str, HeadClient] = {}
+        self._clients: dict[str, FastClient] = {}
         self._lock = threading.Lock()
         self._creds: tuple[str, str, str | None] | None = None
         self._creds_at = 0.0
@@ -519,14 +519,14 @@ class _FastPath:
                 self._creds_at = time.monotonic()
             return self._creds
 
-    def client(self, bucket: str) -> HeadClient | None:
+    def client(self, bucket: str) -> FastClient | None:
         if self._endpoint is None:
             return None
         with self._lock:
             fast = self._clients.get(bucket)
             if fast is None:
                 try:
-                    fast = HeadClient(self._endpoint, bucket, self._region, self._credentials)
+                    fast = FastClient(self._endpoint, bucket, self._region, self._credentials)
                 except ValueError:  # not an endpoint this path speaks to
                     self._endpoint = None
                     return None

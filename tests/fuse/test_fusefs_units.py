@@ -25,7 +25,7 @@ from plugin.fusefs.inodes import (  # noqa: E402
     parse_mtime,
 )
 from plugin.fusefs.operations import S3Operations  # noqa: E402
-from plugin.s3fast import HeadClient, _parse_list  # noqa: E402
+from plugin.s3fast import FastClient, _parse_list  # noqa: E402
 
 MiB = 1 << 20
 
@@ -90,7 +90,7 @@ def test_fast_list_parse_decodes_url_encoded_names_like_botocore() -> None:
 
 
 def test_fast_request_signing_is_deterministic_and_encodes_the_query() -> None:
-    hc = HeadClient("http://127.0.0.1:9000", "bkt", "us-east-1", lambda: ("AK", "SK", None))
+    hc = FastClient("http://127.0.0.1:9000", "bkt", "us-east-1", lambda: ("AK", "SK", None))
     req = hc.request_bytes(
         "", now=0, method="GET", query={"prefix": "a b/", "list-type": "2", "delimiter": "/"}
     )

@@ -39,9 +39,9 @@ def _small_tree(root: Path, count: int) -> None:
     (root / "large.bin").write_bytes(os.urandom(GET_BATCH_MAX + 12345))  # not batched
 
 
-def _fast_client(server: S3Server, bucket: str) -> s3fast.HeadClient:
+def _fast_client(server: S3Server, bucket: str) -> s3fast.FastClient:
     creds = server.client()._request_signer._credentials  # the harness's explicit test keys
-    return s3fast.HeadClient(
+    return s3fast.FastClient(
         server.endpoint, bucket, "us-east-1", lambda: (creds.access_key, creds.secret_key, None)
     )
 
@@ -70,13 +70,13 @@ def test_small_objects_come_down_in_pipelined_batches(
     head = rclone_s3.client().head_object(Bucket=bucket, Key="tree/f-001-é.bin")
     assert {"mode", "mtime"} <= {name.lower() for name in head["Metadata"]}
     batches: list[int] = []
-    real = s3fast.HeadClient.get_many
+    real = s3fast.FastClient.get_many
 
-    def spy(self: s3fast.HeadClient, keys: list[str], max_size: int) -> Any:
+    def spy(self: s3fast.FastClient, keys: list[str], max_size: int) -> Any:
         batches.append(len(keys))
         return real(self, keys, max_size)
 
-    monkeypatch.setattr(s3fast.HeadClient, "get_many", spy)
+    monkeypatch.setattr(s3fast.FastClient, "get_many", spy)
     store = CrtStore(endpoint_url=rclone_s3.endpoint)
     try:
         down = copy(f"s3://{bucket}/tree", str(tmp_path / "back"), _opts(), store=store)
@@ -157,7 +157,7 @@ def test_pipelined_gets_after_a_dropped_connection_report_each_key(
         again = fast.get_many(keys[:1], GET_BATCH_MAX)
         assert not isinstance(again[0], Exception) and again[0][2] == first[0][2]  # type: ignore[index]
         too_big = fast.get_many(["tree/large.bin", "tree/f-001-é.bin"], 1024)
-        assert all(isinstance(r, s3fast.FastHeadError) for r in too_big)
+        assert all(isinstance(r, s3fast.FastPathError) for r in too_big)
     finally:
         fast.close()
 
@@ -174,11 +174,11 @@ def test_ranged_get_fills_the_buffer_or_refuses(
         headers = fast.get_range_into("tree/large.bin", 123_456, memoryview(buf), etag=etag)
         assert bytes(buf) == data[123_456:423_456]
         assert headers["content-range"].endswith(f"/{len(data)}")
-        with pytest.raises(s3fast.FastHeadError):  # past the end: never a short buffer
+        with pytest.raises(s3fast.FastPathError):  # past the end: never a short buffer
             fast.get_range_into("tree/large.bin", len(data) - 10, memoryview(bytearray(100)))
-        with pytest.raises(s3fast.FastHeadError):  # another version than the one asked for
+        with pytest.raises(s3fast.FastPathError):  # another version than the one asked for
             fast.get_range_into("tree/large.bin", 0, memoryview(bytearray(10)), etag="0" * 32)
-        with pytest.raises(s3fast.FastHeadError):
+        with pytest.raises(s3fast.FastPathError):
             fast.get_range_into("tree/missing", 0, memoryview(bytearray(10)))
         # The connection survives refusals: the next ranged GET on it works.
         fast.get_range_into("tree/large.bin", 0, memoryview(buf))
@@ -207,10 +207,10 @@ def test_multipart_upload_on_the_fast_path(rclone_s3: S3Server, bucket_name: str
         assert fast.list_uploads("mp/") == []
         # S3 errors about a request's content do not switch the fast path off: bytes that do
         # not match their Content-MD5 (rclone then drops the whole upload), a finished upload.
-        with pytest.raises(s3fast.FastHeadError, match="NoSuchUpload"):
+        with pytest.raises(s3fast.FastPathError, match="NoSuchUpload"):
             fast.complete_multipart(key, uid, list(enumerate(etags, 1)))
         other = fast.create_multipart("mp/other", [])
-        with pytest.raises(s3fast.FastHeadError, match="HTTP 400 BadDigest"):
+        with pytest.raises(s3fast.FastPathError, match="HTTP 400 BadDigest"):
             fast.upload_part("mp/other", other, 1, b"not these bytes", md5s[1])
         assert fast.enabled
     finally:
