@@ -91,6 +91,69 @@ def test_stop_before_all_chunks_land(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def _waiter(h: _Hasher, index: int, stopping: threading.Event) -> threading.Thread:
+    """A download of chunk *index* waiting for room, as the engine's worker does."""
+    t = threading.Thread(target=h.wait_for_room, args=(index, stopping.is_set), daemon=True)
+    t.start()
+    return t
+
+
+def test_downloads_wait_within_the_lead_of_the_in_order_hash(tmp_path: Path) -> None:
+    """A download may not run more than *lead* chunks ahead of the plain-MD5 hash; room
+    opens as the hash moves on, and chunks inside the lead never wait."""
+    size, chunk = 8 * 64 * KiB, 64 * KiB
+    data = random.Random(5).randbytes(size)
+    fd = os.open(tmp_path / "p", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        h = _Hasher(fd, size, chunk, None, lead=2)
+        never = threading.Event()
+        h.wait_for_room(1, never.is_set)  # inside the lead: returns at once
+        far = _waiter(h, 4, never)  # needs chunks 0-2 hashed
+        for i in range(2):
+            os.pwrite(fd, data[i * chunk : (i + 1) * chunk], i * chunk)
+            h.mark(i)
+        far.join(0.5)
+        assert far.is_alive(), "chunk 4 started with only chunks 0-1 hashed (lead 2)"
+        os.pwrite(fd, data[2 * chunk : 3 * chunk], 2 * chunk)
+        h.mark(2)
+        far.join(10)
+        assert not far.is_alive(), "chunk 4 still waits with chunks 0-2 hashed"
+        for i in range(3, 8):
+            os.pwrite(fd, data[i * chunk : (i + 1) * chunk], i * chunk)
+            h.mark(i)
+        assert h.result() == hashlib.md5(data).hexdigest()
+    finally:
+        os.close(fd)
+
+
+def test_waiting_downloads_are_released_when_the_hash_cannot_go_on(tmp_path: Path) -> None:
+    """Chunk 0 never lands (its GET failed, or the copy is cancelled): downloads waiting
+    for room must not hang. Released by the caller's stop signal, and by stop()."""
+    size, chunk = 8 * 64 * KiB, 64 * KiB
+    fd = os.open(tmp_path / "p", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        h = _Hasher(fd, size, chunk, None, lead=2)
+        given_up, never = threading.Event(), threading.Event()
+        by_signal, by_stop = _waiter(h, 5, given_up), _waiter(h, 6, never)
+        by_signal.join(0.3)
+        assert by_signal.is_alive() and by_stop.is_alive()
+        given_up.set()
+        by_signal.join(10)
+        assert not by_signal.is_alive() and by_stop.is_alive()
+        h.stop()
+        by_stop.join(10)
+        assert not by_stop.is_alive()
+        assert h.result() is None
+        # Parts hashed by the workers themselves (multipart ETag) never make anyone wait.
+        parts = _Hasher(fd, size, chunk, 2 * chunk, lead=1)
+        parts.wait_for_room(7, never.is_set)
+        parts.stop()
+    finally:
+        os.close(fd)
+
+
 def _rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

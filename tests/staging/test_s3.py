@@ -402,6 +402,46 @@ def test_broken_streams_are_retried_from_where_they_stopped(
     assert retried and all(n is not None and (s % MiB) + n == MiB for s, n in retried)
 
 
+class _FirstChunkFailsStore(Boto3Store):
+    """Every GET of the object's first bytes fails: the in-order hash can never start."""
+
+    def get(
+        self, bucket: str, key: str, sink: Sink, start: int = 0, length: int | None = None
+    ) -> ObjectInfo:
+        if start == 0:
+            raise ConnectionResetError(104, "connection reset by peer (injected)")
+        return super().get(bucket, key, sink, start, length)
+
+
+def test_chunks_waiting_for_the_hash_give_up_when_a_chunk_fails(
+    rclone_s3: S3Server, bucket_name: str, tmp_path: Path
+) -> None:
+    """Downloads run at most 2 x jobs chunks ahead of the plain-MD5 hash. When the first
+    chunk fails for good, the chunks waiting on the hash must end too: a clear failure, not
+    a hang, and a rerun finishes the file from the chunks that did land."""
+    bucket = rclone_s3.make_bucket(bucket_name)
+    obj = rclone_s3.put_random(bucket, "big.bin", 12 * MiB + 3, tmp_path, seed=23)
+    dst = tmp_path / "d" / "big.bin"
+    store = _FirstChunkFailsStore(endpoint_url=rclone_s3.endpoint)
+    opts = _opts(jobs=2)  # lead 4 of 13 chunks: most of them wait
+    box: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: box.append(copy(f"s3://{bucket}/big.bin", str(dst), opts, store=store)),
+        daemon=True,
+    )
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the copy hung on chunks waiting for the hash"
+    failed = box[0]
+    assert failed.state == "failed" and "connection reset" in failed.errors[0].message
+    assert not dst.exists()
+    healthy = Boto3Store(endpoint_url=rclone_s3.endpoint)
+    again = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=healthy)
+    assert again.ok, again.errors
+    assert 0 < again.bytes_copied < obj.stat().st_size  # resumed, not started over
+    assert _sha(dst) == _sha(obj)
+
+
 class _CorruptOneChunkStore(Boto3Store):
     """Flips one byte in the GET that covers *offset* only: a single bad chunk mid-file."""
 
