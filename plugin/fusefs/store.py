@@ -163,7 +163,7 @@ class ObjectStore:
         self._limiter = trio.CapacityLimiter(max_threads)
         #: Ranged GETs get their own threads, so read-ahead never starves HEAD and LIST.
         self._data_limiter = trio.CapacityLimiter(data_threads)
-        #: Cheap signed HEADs for metadata (see plugin.s3fast); None means boto3 only.
+        #: Cheap signed HEAD, LIST and GET (see plugin.s3fast); None means boto3 only.
         self.fast_client: FastClient | None = None
 
     async def _run(
