@@ -292,6 +292,19 @@ async def _run(
     return 1 if failed else 0
 
 
+def _drop_temp_cache(cache_dir: Path) -> None:
+    """A cache directory made for this run goes with it, whatever the exit status, unless it
+    holds uploads not yet sent (their journals): a later run with --cache-dir sends them."""
+    if any(cache_dir.glob("*.json")):
+        log.warning(
+            "kept %s: it holds uploads not yet sent; mount with --cache-dir %s to send them",
+            cache_dir,
+            cache_dir,
+        )
+        return
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
@@ -361,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.error("cannot mount %s: %s", mountpoint, exc)
         cache.close_dir()
+        if temp_cache:
+            _drop_temp_cache(cache_dir)
         return 2
     try:
         status = trio.run(
@@ -376,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     pyfuse3.close(unmount=True)
     cache.close_dir()
-    if temp_cache and status == 0:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    if temp_cache:
+        _drop_temp_cache(cache_dir)
     log.info("unmounted %s (status %d)", mountpoint, status)
     return status
 

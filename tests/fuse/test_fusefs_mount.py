@@ -566,6 +566,8 @@ def test_bad_credentials_fail_before_ready_with_status_2(
     gone, and the exit status is 2 with S3's message."""
     env = aws_env()
     env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where its temporary cache directory goes
+    (tmp_path / "tmp").mkdir()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     read_end, write_end = os.pipe()
@@ -597,6 +599,7 @@ def test_bad_credentials_fail_before_ready_with_status_2(
     assert signalled == b"", "ready must not be signalled before the bucket answered"
     assert b"cannot access" in out
     assert not left_mounted
+    assert list((tmp_path / "tmp").iterdir()) == [], "the empty temporary cache was left behind"
 
 
 # -- failure handling ------------------------------------------------------------------------
