@@ -15,7 +15,6 @@ import functools
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -292,17 +291,15 @@ async def _run(
     return 1 if failed else 0
 
 
-def _drop_temp_cache(cache_dir: Path) -> None:
+def _drop_temp_cache(cache: DataCache) -> None:
     """A cache directory made for this run goes with it, whatever the exit status, unless it
-    holds uploads not yet sent (their journals): a later run with --cache-dir sends them."""
-    if any(cache_dir.glob("*.json")):
+    holds uploads not yet sent: a later run with --cache-dir sends them."""
+    if not cache.remove_dir_unless_unsent():
         log.warning(
             "kept %s: it holds uploads not yet sent; mount with --cache-dir %s to send them",
-            cache_dir,
-            cache_dir,
+            cache.cache_dir,
+            cache.cache_dir,
         )
-        return
-    shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot mount %s: %s", mountpoint, exc)
         cache.close_dir()
         if temp_cache:
-            _drop_temp_cache(cache_dir)
+            _drop_temp_cache(cache)
         return 2
     try:
         status = trio.run(
@@ -392,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     pyfuse3.close(unmount=True)
     cache.close_dir()
     if temp_cache:
-        _drop_temp_cache(cache_dir)
+        _drop_temp_cache(cache)
     log.info("unmounted %s (status %d)", mountpoint, status)
     return status
 

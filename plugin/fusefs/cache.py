@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable
@@ -331,6 +332,14 @@ class DataCache:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def remove_dir_unless_unsent(self) -> bool:
+        """Delete the (closed) cache directory unless upload journals remain in it, which a
+        later run on the same directory sends. True if it was removed."""
+        if any(self.cache_dir.glob("*.json")):
+            return False
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        return True
 
     def new_entry(
         self, *, remote_key: str | None, remote_size: int, remote_etag: str | None

@@ -274,3 +274,17 @@ def test_pool_memory_goes_back_once_the_last_buffer_returns() -> None:
     assert pool._free == [a]  # still in use elsewhere: kept
     pool.give(b)
     assert pool.in_use == 0 and pool._free == []  # the last one back: all unmapped
+
+
+def test_a_temporary_cache_directory_goes_unless_uploads_wait_in_it(tmp_path: Path) -> None:
+    """`python -m plugin.fusefs` without --cache-dir removes its directory at exit, but never
+    one holding an upload journal: that data has not reached S3 yet."""
+    for unsent in (False, True):
+        cache = make_cache(tmp_path / str(unsent), MemoryStore(b"x"))
+        assert cache.open_dir() == []
+        (cache.cache_dir / "abc.data").write_bytes(b"cached or unsent bytes")
+        if unsent:
+            (cache.cache_dir / "abc.json").write_text('{"key": "k"}')
+        cache.close_dir()
+        assert cache.remove_dir_unless_unsent() is not unsent
+        assert cache.cache_dir.exists() is unsent
