@@ -47,7 +47,7 @@ _openat2_missing = _SYS_OPENAT2 < 0
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 (ctypes' own declaration style)
+    _fields_ = [
         ("flags", ctypes.c_uint64),
         ("mode", ctypes.c_uint64),
         ("resolve", ctypes.c_uint64),
