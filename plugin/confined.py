@@ -59,8 +59,10 @@ class UnsafePathError(OSError):
     file was expected. Subclasses OSError so per-file error handling reports it like any other
     file error; the message names the path and says nothing was followed."""
 
-    def __init__(self, shown: str, why: str = "is a symlink or leaves the directory") -> None:
-        super().__init__(errno.ELOOP, f"{why}; not followed", shown)
+    def __init__(
+        self, shown: str, why: str = "is a symlink or leaves the directory; not followed"
+    ) -> None:
+        super().__init__(errno.ELOOP, why, shown)
 
 
 def check_relpath(rel: str) -> str:
@@ -205,6 +207,31 @@ class Tree:
         if not rel:
             return os.dup(self.fd) if flags & os.O_DIRECTORY else self._root_reopen(flags)
         return self._resolve(rel, flags | os.O_NOFOLLOW, mode)
+
+    def open_file(self, rel: str, flags: int = os.O_RDONLY) -> int:
+        """Open the existing regular file *rel*. It is first reached with O_PATH (which opens
+        nothing: no fifo blocks us, no device driver runs), checked to be a regular file,
+        then reopened through its descriptor: what was checked is what gets opened."""
+        rel = check_relpath(rel)
+        path_fd = self._resolve(rel, _O_PATH | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(path_fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(self.display(rel), "is not a regular file; not opened")
+            return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC)
+        finally:
+            os.close(path_fd)
+
+    def create_file(self, rel: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
+        """A new, empty regular file at *rel*, replacing whatever entry was there (a link,
+        a fifo or a device someone planted is removed, never opened)."""
+        for _ in range(4):
+            self.unlink(rel, missing_ok=True)
+            try:
+                return self.open(rel, flags | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                continue  # re-planted between the unlink and the open
+        raise UnsafePathError(self.display(rel), "keeps being replaced while it is created")
 
     def _root_reopen(self, flags: int) -> int:
         return os.open(".", flags | os.O_CLOEXEC, dir_fd=self.fd)

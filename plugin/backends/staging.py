@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from plugin.backends.credentials import CredentialsFile
+from plugin.confined import Tree
 from plugin.errors import BackendError, InvalidOptionError, MountError
-from plugin.options import OptionSpec, check_text, check_url, parse_bool, parse_size
+from plugin.options import OptionSpec, check_text, check_url, parse_bool, parse_id, parse_size
 from plugin.records import VolumeRecord
 from plugin.staging.engine import CopyOptions, S3Options, copy
 from plugin.staging.errors import SourceNotFoundError, StagingError
+from plugin.staging.locations import LocalLocation
 from plugin.staging.progress import CopyResult, Progress
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,12 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
         "false: stage-out stores no `dir/` objects for empty directories (rclone serve s3)",
         parse_bool,
     ),
+    OptionSpec(
+        "preserve_owner",
+        "true: staged files keep the uid/gid recorded in the source (S3 x-amz-meta-uid/gid "
+        "included); default: the volume's uid=/gid= options, else root",
+        parse_bool,
+    ),
     OptionSpec("endpoint", "S3 endpoint URL of stage_in/stage_out", check_url),
     OptionSpec("region", "S3 region of stage_in/stage_out", check_text),
     OptionSpec("profile", "named profile from the daemon's credentials", check_text),
@@ -154,6 +163,9 @@ class StagingConfig:
     endpoint: str | None = None
     region: str | None = None
     profile: str | None = None
+    preserve_owner: bool = False
+    #: The volume's uid=/gid= options: the owner of every staged file (-1: unchanged).
+    owner: tuple[int, int] | None = None
 
     @classmethod
     def from_options(cls, opts: Mapping[str, str]) -> StagingConfig:
@@ -174,6 +186,8 @@ class StagingConfig:
             endpoint=opts.get("endpoint"),
             region=opts.get("region"),
             profile=opts.get("profile"),
+            preserve_owner=parse_bool(opts.get("preserve_owner", "false")),
+            owner=_owner_option(opts),
         )
 
     @property
@@ -188,11 +202,26 @@ class StagingConfig:
 _INACTIVE = StagingConfig()
 
 
+def _owner_option(opts: Mapping[str, str]) -> tuple[int, int] | None:
+    if "uid" not in opts and "gid" not in opts:
+        return None
+    uid = parse_id(opts["uid"]) if "uid" in opts else -1
+    gid = parse_id(opts["gid"]) if "gid" in opts else -1
+    return uid, gid
+
+
 def validate_options(options: Mapping[str, str]) -> StagingConfig:
     """Checks across options (the table checks each value alone); returns the parsed config."""
     config = StagingConfig.from_options(options)
     if not config.active:
-        extra = (*S3_ONLY, *STAGE_IN_ONLY, "stage_out_mirror", "stage_bwlimit", "discard_unstaged")
+        extra = (
+            *S3_ONLY,
+            *STAGE_IN_ONLY,
+            "stage_out_mirror",
+            "stage_bwlimit",
+            "discard_unstaged",
+            "preserve_owner",
+        )
         stray = sorted(k for k in extra if k in options)
         if stray:
             raise InvalidOptionError(
@@ -609,10 +638,14 @@ class Stager:
         result: CopyResult | None = None
         error: str | None = None
         try:
+            src: str | LocalLocation
             if vol.config.stage_in_is_s3:
                 src = vol.config.stage_in.rstrip("/") + "/"
             else:
-                src = str(self._allowed_check(vol.config.stage_in)) + "/"
+                # Resolved and checked against the allowed paths now, then opened with no
+                # symlink followed: a component swapped for a link since is refused.
+                real = self._allowed_check(vol.config.stage_in)
+                src = LocalLocation(str(real), trailing_slash=True, no_symlinks=True)
             result = self._copy(vol, src, str(vol.data) + "/", vol.state.stage_in)
         except SourceNotFoundError as exc:
             if vol.config.stage_in_is_s3:
@@ -733,12 +766,18 @@ class Stager:
         bucket, prefix = split_s3(vol.config.stage_out)
         prefix = prefix + "/" if prefix else ""
         keep: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(vol.data):
-            rel_dir = os.path.relpath(dirpath, vol.data)
-            rel_dir = "" if rel_dir == "." else rel_dir + "/"
-            keep.update(rel_dir + d + "/" for d in dirnames)
-            keep.update(rel_dir + d for d in dirnames)  # symlinks to directories
-            keep.update(rel_dir + f for f in filenames if not f.startswith(TEMP_PREFIX))
+
+        def unreadable(rel: str, exc: OSError) -> None:
+            raise BackendError(
+                f"stage-out mirror of {vol.name!r}: cannot list {rel or '.'} in the volume "
+                f"({exc.strerror}); nothing deleted"
+            )
+
+        with Tree.at(vol.data) as tree:
+            for rel, st in tree.walk(unreadable, skip=lambda n: n.startswith(TEMP_PREFIX)):
+                keep.add(rel)
+                if stat.S_ISDIR(st.st_mode):
+                    keep.add(rel + "/")
         client = s3client.make_s3_client(self._s3_settings(vol.config))
         doomed: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -757,19 +796,22 @@ class Stager:
     def _ensure_marker(vol: _Volume) -> None:
         """An empty staged volume gets a marker so Docker's copy-up leaves it alone."""
         try:
-            with os.scandir(vol.data) as it:
-                if any(True for _ in it):
+            with Tree.at(vol.data) as tree:
+                if tree.scandir(""):
                     return
-            (vol.data / MARKER_NAME).write_text(MARKER_TEXT)
+                fd = tree.create_file(MARKER_NAME, mode=0o644)
+                with open(fd, "w") as fh:
+                    fh.write(MARKER_TEXT)
         except OSError as exc:
             log.warning("cannot place %s in %s: %s", MARKER_NAME, vol.data, exc)
 
     @staticmethod
     def _drop_marker(vol: _Volume) -> None:
-        marker = vol.data / MARKER_NAME
-        with contextlib.suppress(OSError):
-            if marker.read_text() == MARKER_TEXT:
-                marker.unlink()
+        with contextlib.suppress(OSError), Tree.at(vol.data) as tree:
+            with open(tree.open_file(MARKER_NAME)) as fh:
+                ours = fh.read(len(MARKER_TEXT) + 1) == MARKER_TEXT
+            if ours:
+                tree.unlink(MARKER_NAME)
 
     # -- the copy core -------------------------------------------------------------------------
 
@@ -784,7 +826,7 @@ class Stager:
             max_attempts=1,
         )
 
-    def _copy(self, vol: _Volume, src: str, dst: str, job: JobState) -> CopyResult:
+    def _copy(self, vol: _Volume, src: str | LocalLocation, dst: str, job: JobState) -> CopyResult:
         def progress(p: Progress) -> None:
             with vol.lock:
                 job.update(p)
@@ -794,6 +836,8 @@ class Stager:
         config = vol.config
         options = CopyOptions(
             jobs=4,
+            preserve_owner=True if config.preserve_owner else None,
+            owner=config.owner,
             bwlimit=config.bwlimit,
             dir_markers=config.dir_markers,
             progress=progress,

@@ -28,9 +28,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
+from plugin.confined import Tree, UnsafePathError
 from plugin.staging import localfs
 from plugin.staging.errors import (
     CopyCancelledError,
@@ -49,6 +49,7 @@ from plugin.staging.locations import (
     parse_location,
     safe_relpath,
 )
+from plugin.staging.objmeta import parse_mtime, sanitize_object_meta
 from plugin.staging.progress import (
     CopyResult,
     FileError,
@@ -98,8 +99,13 @@ class CopyOptions:
     verify: bool = True
     #: Skip files whose destination already matches (size + mtime, or size + ETag).
     skip_unchanged: bool = True
-    #: chown like the source when running as root (None = when euid is 0).
+    #: Owners recorded in the source. None (default): a local source's real owners when
+    #: running as root (like `cp -a`), but never the uid/gid metadata of S3 objects, which
+    #: whoever wrote the bucket chose; True: those too; False: never.
     preserve_owner: bool | None = None
+    #: (uid, gid) given to every file and directory written locally (a staged volume's
+    #: uid=/gid= options), instead of any owner from the source; -1 keeps that id.
+    owner: tuple[int, int] | None = None
     #: One syncfs() of the destination at the end, instead of an fsync per file.
     fsync: bool = False
     #: Store empty directories in S3 as `dir/` marker objects (s3fs / console convention).
@@ -174,15 +180,6 @@ def format_mtime(ns: int) -> str:
     """Object metadata mtime as seconds with nanoseconds (s3fs reads the integer part)."""
     sec, frac = divmod(ns, 1_000_000_000)
     return f"{sec}.{frac:09d}"
-
-
-def parse_mtime(text: str | None) -> int | None:
-    if not text:
-        return None
-    try:
-        return int(Decimal(text.strip()) * 1_000_000_000)
-    except (InvalidOperation, ValueError):
-        return None
 
 
 #: Small S3 objects bound for a local tree are fetched this many per task, pipelined: on a
@@ -453,6 +450,10 @@ class _Copier:
         self._scheduler = _Scheduler(())
         owner = opts.preserve_owner
         self._chown = (os.geteuid() == 0) if owner is None else owner
+        self._chown_s3_meta = owner is True
+        #: The local side(s), opened once: every name beneath them is reached fd-relative.
+        self._st: Tree | None = None
+        self._dt: Tree | None = None
 
     # ------------------------------------------------------------------ driver
 
@@ -538,6 +539,9 @@ class _Copier:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._open_fds.clear()
+        for tree in (self._st, self._dt):
+            if tree is not None:
+                tree.close()
 
     # ------------------------------------------------------------------ planning
 
@@ -551,6 +555,11 @@ class _Copier:
         if isinstance(self.dst, S3Location):
             prefix = self.dst.dir_prefix
             self._index_destination(prefix)
+        else:
+            existed = os.path.isdir(self.dst.path)
+            self._dt = Tree.at(self.dst.path, create=True)
+            if not existed:
+                self._fresh_dirs.add("")
         files: list[_Target] = []
         dirs: list[_Target] = []
         for e in entries:
@@ -563,17 +572,30 @@ class _Copier:
         src = self.src
         if isinstance(src, LocalLocation):
             try:
-                st = os.stat(src.path)
+                if src.no_symlinks:
+                    self._st = Tree.beneath("/", src.path.lstrip("/"))
+                    st = os.fstat(self._st.fd)
+                else:
+                    st = os.stat(src.path)
             except FileNotFoundError:
                 raise SourceNotFoundError(f"source {src.path} does not exist") from None
+            except UnsafePathError:
+                raise SourceNotFoundError(
+                    f"source {src.path} now has a symlink in its path; it is not followed"
+                ) from None
             except OSError as exc:
                 raise SourceNotFoundError(f"cannot read source {src.path}: {exc}") from exc
             if not stat.S_ISDIR(st.st_mode):
-                entry = localfs.entry_from_stat("", src.path, st)
+                # A file named on the command line is followed once, like `cp`.
+                head, base = os.path.split(os.path.realpath(src.path))
+                self._st = Tree.at(head)
+                entry = localfs.entry_from_stat(base, os.stat(base, dir_fd=self._st.fd), str)
                 if entry is None or entry.kind != "file":
                     raise SourceNotFoundError(f"source {src.path} is not a file or directory")
-                return [entry], src.path
-            entries = list(localfs.walk(src.path, self._skipped))
+                return [entry], base
+            if self._st is None:
+                self._st = Tree.at(src.path)
+            entries = list(localfs.walk(self._st, self._skipped))
             return entries, None
         assert self.store is not None
         store = self.store
@@ -615,11 +637,13 @@ class _Copier:
         base = os.path.basename(src_name.rstrip("/"))
         dst = self.dst
         if isinstance(dst, LocalLocation):
+            # The path the user gave is trusted; the name written in it is not followed.
             if dst.trailing_slash or os.path.isdir(dst.path):
-                os.makedirs(dst.path, exist_ok=True)
-                return os.path.join(dst.path, base)
-            os.makedirs(os.path.dirname(dst.path), exist_ok=True)
-            return dst.path
+                self._dt = Tree.at(dst.path, create=True)
+                return base
+            head, name = os.path.split(dst.path)
+            self._dt = Tree.at(head, create=True)
+            return name
         key = dst.dir_prefix + base if dst.trailing_slash else dst.key
         store = self.store
         assert store is not None
@@ -636,14 +660,32 @@ class _Copier:
             self._dst_index[obj.key] = obj
 
     def _src_name(self, rel: str) -> str:
+        """A local source's name relative to its tree, or an S3 key."""
         if isinstance(self.src, LocalLocation):
-            return os.path.join(self.src.path, rel)
+            return rel
         return self.src.dir_prefix + rel
 
     def _dst_name(self, rel: str) -> str:
         if isinstance(self.dst, LocalLocation):
-            return os.path.join(self.dst.path, rel)
+            return rel
         return self.dst.dir_prefix + rel
+
+    @property
+    def dt(self) -> Tree:
+        """The local destination tree (only called on local-destination paths)."""
+        assert self._dt is not None
+        return self._dt
+
+    @property
+    def st(self) -> Tree:
+        assert self._st is not None
+        return self._st
+
+    def shown_src(self, t: _Target) -> str:
+        return self.st.display(t.src) if isinstance(self.src, LocalLocation) else t.src
+
+    def shown_dst(self, t: _Target) -> str:
+        return self.dt.display(t.dst) if isinstance(self.dst, LocalLocation) else t.dst
 
     def _skipped(self, rel: str, why: str) -> None:
         self._record_error(rel, why)
@@ -829,24 +871,26 @@ class _Copier:
 
     # ------------------------------------------------------------------ local destination
 
-    def _prepare_parent(self, path: str) -> None:
-        parent = os.path.dirname(path)
-        if parent not in self._ready_dirs and not os.path.isdir(parent):
-            os.makedirs(parent, exist_ok=True)
+    def _prepare_parent(self, rel: str) -> None:
+        """The parent directories of *rel*, created where missing; a symlink planted where a
+        directory belongs is replaced by a directory, never followed."""
+        parent = os.path.dirname(rel)
+        if parent and parent not in self._ready_dirs:
+            self.dt.makedirs(parent)
 
     def _local_unchanged(self, t: _Target) -> bool:
         if not self.opts.skip_unchanged or os.path.dirname(t.dst) in self._fresh_dirs:
             return False
         try:
-            st = os.lstat(t.dst)
+            st = self.dt.lstat(t.dst)
         except OSError:
             return False
         e = t.entry
         if e.kind == "symlink":
-            return stat.S_ISLNK(st.st_mode) and os.readlink(t.dst) == e.target
+            return stat.S_ISLNK(st.st_mode) and self.dt.readlink(t.dst) == e.target
         if stat.S_ISLNK(st.st_mode) and isinstance(self.src, S3Location):
             # A symlink stored s3fs-style: the object's body is the target.
-            target = os.fsencode(os.readlink(t.dst))
+            target = os.fsencode(self.dt.readlink(t.dst))
             return len(target) == e.size and hashlib.md5(target).hexdigest() == _clean_etag(e.etag)
         if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
             return False
@@ -856,7 +900,10 @@ class _Copier:
         # mtime metadata was copied to the file by the previous run.
         etag = _plain_md5(e.etag)
         if e.size <= self.opts.chunk_size and etag is not None:
-            return _md5_file(t.dst) == etag
+            try:
+                return _md5_fd(self.dt.open_file(t.dst)) == etag
+            except OSError:
+                return False
         assert isinstance(self.src, S3Location) and self.store is not None
         store, bucket = self.store, self.src.bucket
         info = self._retry(f"HEAD {t.src}", lambda: store.head(bucket, t.src))
@@ -866,23 +913,44 @@ class _Copier:
         want = ns if ns is not None else int(info.last_modified * 1e9)
         return abs(st.st_mtime_ns - want) < 1000  # float-parsing slack
 
+    def _owner_for(self, uid: int, gid: int, from_s3: bool) -> tuple[int, int] | None:
+        """The owner to give a new local file, or None to leave it as created (root)."""
+        if self.opts.owner is not None:
+            return self.opts.owner
+        chown = self._chown_s3_meta if from_s3 else self._chown
+        if chown and uid >= 0 and gid >= 0 and (uid, gid) != self._ids:
+            return uid, gid
+        return None
+
     def _apply_meta(
-        self, fd: int, mode: int, atime_ns: int, mtime_ns: int, uid: int, gid: int
+        self,
+        fd: int,
+        mode: int,
+        atime_ns: int,
+        mtime_ns: int,
+        uid: int,
+        gid: int,
+        *,
+        from_s3: bool = False,
     ) -> None:
-        if self._chown and uid >= 0 and gid >= 0 and (uid, gid) != self._ids:
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode & 0o7777)
+        """Owner, permissions and times of a written file. Permission bits only: setuid,
+        setgid and sticky never come from a source (a bucket writer, or a container that
+        wrote the host path, must not be able to plant a privileged program)."""
+        owner = self._owner_for(uid, gid, from_s3)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode & 0o777)
         os.utime(fd, ns=(atime_ns or mtime_ns, mtime_ns))
 
-    def _make_symlink(self, target: str, dst: str, e: Entry) -> None:
+    def _make_symlink(self, target: str, dst: str, e: Entry, *, from_s3: bool = False) -> None:
         part, _ = temp_paths(dst)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-        os.symlink(target, part)
-        if self._chown and e.uid >= 0:
-            os.lchown(part, e.uid, e.gid)
+        self.dt.unlink(part, missing_ok=True)
+        self.dt.symlink(target, part)
+        owner = self._owner_for(e.uid, e.gid, from_s3)
+        if owner is not None:
+            self.dt.lchown(part, *owner)
         if e.mtime_ns:
-            os.utime(part, ns=(e.atime_ns or e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+            self.dt.utime(part, (e.atime_ns or e.mtime_ns, e.mtime_ns))
         self._rename(part, dst)
 
     def _reflink(self, src_fd: int, dst_fd: int) -> bool:
@@ -896,10 +964,13 @@ class _Copier:
         return False
 
     def _rename(self, part: str, final: str) -> None:
+        """Move a finished part file (or link) to its name; whatever entry held the name,
+        a planted symlink included, is replaced, not followed."""
         try:
-            os.rename(part, final)
+            self.dt.rename(part, final)
         except IsADirectoryError:
-            raise OSError(21, f"destination {final} is a directory, the source is a file") from None
+            shown = self.dt.display(final)
+            raise OSError(21, f"destination {shown} is a directory, the source is a file") from None
 
     def _local_to_local(self, t: _Target) -> None:
         e = t.entry
@@ -912,19 +983,20 @@ class _Copier:
             self.tracker.add_bytes(e.size)
             self._file_copied(t)
             return
-        src_fd = os.open(t.src, os.O_RDONLY | os.O_CLOEXEC)
+        src_fd = self.st.open_file(t.src)
         try:
             st = os.fstat(src_fd)
             if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
                 raise VerificationError(
-                    f"{t.src} changed while the copy was being planned; run the copy again"
+                    f"{self.shown_src(t)} changed while the copy was being planned; "
+                    "run the copy again"
                 )
             if e.size > self.opts.chunk_size:
                 self._start_chunked(t, src_fd=src_fd)
                 src_fd = -1  # owned by the chunked copy now
                 return
             part, _ = temp_paths(t.dst)
-            dst_fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            dst_fd = self.dt.create_file(part)
             try:
                 copied = [0]
 
@@ -986,43 +1058,40 @@ class _Copier:
             got = hashlib.md5(buf).hexdigest()
             if got != etag:
                 raise VerificationError(f"MD5 {got} does not match ETag {etag}; not renamed")
-        mode, mtime_ns, uid, gid = self._meta_from_object(info)
+        mode, mtime_ns, uid, gid = self._meta_from_object(info, t)
         if stat.S_ISLNK(mode):
             self._make_symlink(
                 os.fsdecode(bytes(buf)),
                 t.dst,
                 Entry(e.rel, "symlink", mtime_ns=mtime_ns, uid=uid, gid=gid),
+                from_s3=True,
             )
             self._file_copied(t)
             return
         part, _ = temp_paths(t.dst)
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = self.dt.create_file(part)
         try:
             view = memoryview(buf)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            self._apply_meta(fd, mode, 0, mtime_ns, uid, gid)
+            self._apply_meta(fd, mode, 0, mtime_ns, uid, gid, from_s3=True)
         finally:
             os.close(fd)
         self._rename(part, t.dst)
         self._file_copied(t)
 
-    def _meta_from_object(self, info: ObjectInfo) -> tuple[int, int, int, int]:
-        """(mode, mtime_ns, uid, gid) from s3fs-style metadata, with sensible fallbacks."""
-        md = info.metadata
-        try:
-            mode = int(md.get("mode", "")) if md.get("mode") else stat.S_IFREG | 0o644
-        except ValueError:
-            mode = stat.S_IFREG | 0o644
-        ns = parse_mtime(md.get("mtime"))
-        mtime_ns = ns if ns is not None else int(info.last_modified * 1e9)
-        try:
-            uid = int(md.get("uid", "-1"))
-            gid = int(md.get("gid", "-1"))
-        except ValueError:
-            uid = gid = -1
-        return mode, mtime_ns, uid, gid
+    def _meta_from_object(self, info: ObjectInfo, t: _Target) -> tuple[int, int, int, int]:
+        """(mode, mtime_ns, uid, gid) from s3fs-style metadata, which whoever wrote the
+        bucket chose: a value that is not what s3fs writes falls back to the default for this
+        one file (logged), and only a regular file or a symlink can come out of it."""
+        meta = sanitize_object_meta(info.metadata)
+        for key in meta.rejected:
+            log.warning(
+                "%s: ignoring bad x-amz-meta-%s %r", t.src, key, info.metadata.get(key, "")[:64]
+            )
+        mtime_ns = meta.mtime_ns if meta.mtime_ns is not None else int(info.last_modified * 1e9)
+        return meta.mode, mtime_ns, meta.uid, meta.gid
 
     # ------------------------------------------------------------------ chunked into local
 
@@ -1043,13 +1112,13 @@ class _Copier:
             identity = {"size": info.size, "etag": _clean_etag(info.etag), "chunk": chunk}
             e = Entry(e.rel, "file", size=info.size, etag=info.etag)
         part, journal_path = temp_paths(t.dst)
-        journal = ChunkJournal(journal_path, identity)
+        journal = ChunkJournal(self.dt, journal_path, identity)
         done = journal.load()
         nchunks = max(1, (e.size + chunk - 1) // chunk)
-        fresh = done is None or not _has_size(part, e.size)
+        fresh = done is None or not _has_size(self.dt, part, e.size)
         if fresh:
             done = set()
-            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = self.dt.create_file(part, os.O_RDWR)
             os.ftruncate(fd, e.size)
             if src_fd < 0 and e.size:
                 # Reserve the space now: ENOSPC at the start, not after minutes of download.
@@ -1060,7 +1129,7 @@ class _Copier:
                         os.close(fd)
                         raise
         else:
-            fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
+            fd = self.dt.open_file(part, os.O_RDWR)
         assert done is not None
         self._open_fds.add(fd)
         journal.start(fresh)
@@ -1086,7 +1155,9 @@ class _Copier:
                 if hasher is not None:
                     hasher.mark(i)
         if resumed:
-            log.info("%s: resuming, %d of %d chunks already done", t.dst, len(done), nchunks)
+            log.info(
+                "%s: resuming, %d of %d chunks already done", self.shown_dst(t), len(done), nchunks
+            )
             self._resumed(resumed)
         pending = [i for i in range(nchunks) if i not in done]
         job.remaining = len(pending)
@@ -1128,11 +1199,13 @@ class _Copier:
             return
         part_size = part_size_for(e.size, self.opts.chunk_size)
         if e.size <= part_size:
-            with open(t.src, "rb") as fh:
+            with open(self.st.open_file(t.src), "rb") as fh:
                 st = os.fstat(fh.fileno())
                 data = fh.read(part_size + 1)
             if len(data) != e.size or st.st_mtime_ns != e.mtime_ns:
-                raise VerificationError(f"{t.src} changed during the copy; run the copy again")
+                raise VerificationError(
+                    f"{self.shown_src(t)} changed during the copy; run the copy again"
+                )
             if self._s3_unchanged(t, data):
                 self._file_skipped(t)
                 return
@@ -1187,7 +1260,7 @@ class _Copier:
 
     def _start_multipart(self, t: _Target, store: ObjectStore, bucket: str, part_size: int) -> None:
         e = t.entry
-        fd = os.open(t.src, os.O_RDONLY | os.O_CLOEXEC)
+        fd = self.st.open_file(t.src)
         self._open_fds.add(fd)
         uploads = self._retry(f"LIST UPLOADS {t.dst}", lambda: store.list_uploads(bucket, t.dst))
         upload_id = None
@@ -1226,19 +1299,15 @@ class _Copier:
         that did not exist before cannot hold an up-to-date file: no per-file lstat there."""
         if not isinstance(self.dst, LocalLocation) or self._single:
             return
-        root = self.dst.path
-        if not os.path.isdir(root):
-            os.makedirs(root)
-            self._fresh_dirs.add(root)
-        self._ready_dirs.add(root)
+        self._ready_dirs.add("")
         for d in dirs:
             try:
-                os.mkdir(d.dst)
-                self._fresh_dirs.add(d.dst)
-            except FileExistsError:
-                if not os.path.isdir(d.dst):
-                    self._record_error(d.entry.rel, "cannot create directory: a file is in the way")
-                    continue
+                # A link planted where the source has a directory becomes a directory.
+                if self.dt.makedirs(d.dst):
+                    self._fresh_dirs.add(d.dst)
+            except NotADirectoryError:
+                self._record_error(d.entry.rel, "cannot create directory: a file is in the way")
+                continue
             except OSError as exc:
                 self._record_error(d.entry.rel, f"cannot create directory: {exc.strerror}")
                 continue
@@ -1254,10 +1323,13 @@ class _Copier:
             for d in sorted(dirs, key=lambda d: d.entry.rel.count("/"), reverse=True):
                 e = d.entry
                 try:
-                    if self._chown and e.uid >= 0:
-                        os.lchown(d.dst, e.uid, e.gid)
-                    os.chmod(d.dst, e.mode)
-                    os.utime(d.dst, ns=(e.atime_ns or e.mtime_ns, e.mtime_ns))
+                    owner = self._owner_for(e.uid, e.gid, from_s3=False)
+                    if owner is not None:
+                        self.dt.lchown(d.dst, *owner)
+                    # setgid and sticky on a directory grant nothing (group inheritance,
+                    # restricted deletion); setuid on a directory means nothing on Linux.
+                    self.dt.chmod(d.dst, e.mode & 0o3777)
+                    self.dt.utime(d.dst, (e.atime_ns or e.mtime_ns, e.mtime_ns))
                 except OSError as exc:
                     self._record_error(e.rel, f"cannot set directory metadata: {exc.strerror}")
             return
@@ -1279,14 +1351,8 @@ class _Copier:
                 self._record_error(e.rel, str(exc))
 
     def _syncfs(self) -> None:
-        assert isinstance(self.dst, LocalLocation)
-        path = self.dst.path if os.path.isdir(self.dst.path) else os.path.dirname(self.dst.path)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-            os.sync()
-        finally:
-            os.close(fd)
+        self.dt.fsync()
+        os.sync()
 
 
 class _ChunkedFile:
@@ -1396,13 +1462,13 @@ class _ChunkedFile:
                 if got != want:
                     # A corrupt part file must not be resumed: start from scratch next time.
                     self.journal.remove()
-                    os.unlink(self.part)
+                    c.dt.unlink(self.part, missing_ok=True)
                     raise VerificationError(
                         f"checksum {got} does not match ETag {want}; not renamed, rerun the copy"
                     )
             if self.info is not None:
-                mode, mtime_ns, uid, gid = c._meta_from_object(self.info)
-                c._apply_meta(self.fd, mode, 0, mtime_ns, uid, gid)
+                mode, mtime_ns, uid, gid = c._meta_from_object(self.info, t)
+                c._apply_meta(self.fd, mode, 0, mtime_ns, uid, gid, from_s3=True)
             else:
                 c._apply_meta(self.fd, e.mode, e.atime_ns, e.mtime_ns, e.uid, e.gid)
             c._rename(self.part, t.dst)
@@ -1457,7 +1523,7 @@ class _MultipartUpload:
         length = min(self.part_size, t.entry.size - offset)
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
-            raise VerificationError(f"{t.src} shrank during the copy; run the copy again")
+            raise VerificationError(f"{c.shown_src(t)} shrank during the copy; run the copy again")
         old = self.existing.get(number)
         md5 = ""
         raw: bytes | None = None
@@ -1499,7 +1565,9 @@ class _MultipartUpload:
                 raise self.error  # the upload stays for the next run to resume
             st = os.fstat(self.fd)
             if st.st_size != t.entry.size or st.st_mtime_ns != t.entry.mtime_ns:
-                raise VerificationError(f"{t.src} changed during the copy; run the copy again")
+                raise VerificationError(
+                    f"{c.shown_src(t)} changed during the copy; run the copy again"
+                )
             parts = [(n, self.etags[n]) for n in range(1, self.nparts + 1)]
             numbers = range(1, self.nparts + 1)
             want = multipart_etag(self.md5s[n] for n in numbers) if c.opts.verify else ""
@@ -1562,16 +1630,18 @@ def _bind_put(store: ObjectStore, bucket: str, key: str, meta: dict[str, str]) -
     return lambda: store.put(bucket, key, b"", meta)
 
 
-def _has_size(path: str, size: int) -> bool:
+def _has_size(tree: Tree, rel: str, size: int) -> bool:
     try:
-        return os.stat(path).st_size == size
+        st = tree.lstat(rel)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
-def _md5_file(path: str) -> str:
+def _md5_fd(fd: int) -> str:
+    """MD5 of an open file; the descriptor is closed."""
     h = hashlib.md5()
-    with open(path, "rb") as fh:
+    with open(fd, "rb") as fh:
         while block := fh.read(STREAM_BUFSIZE):
             h.update(block)
     return h.hexdigest()

@@ -13,11 +13,12 @@ checksum verification catches chunks that never reached the disk.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from typing import Any
+
+from plugin.confined import Tree
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,10 @@ JOURNAL_VERSION = 1
 
 
 class ChunkJournal:
-    def __init__(self, path: str, identity: dict[str, Any]) -> None:
+    def __init__(self, tree: Tree, path: str, identity: dict[str, Any]) -> None:
+        """*path* is relative to *tree*, the destination: a journal is never written
+        through a link planted in its place."""
+        self.tree = tree
         self.path = path
         self.identity = {"v": JOURNAL_VERSION, **identity}
         self._fd = -1
@@ -33,9 +37,9 @@ class ChunkJournal:
     def load(self) -> set[int] | None:
         """Chunks recorded as done, or None if there is no journal for this source version."""
         try:
-            with open(self.path, encoding="ascii", errors="replace") as fh:
+            with open(self.tree.open_file(self.path), encoding="ascii", errors="replace") as fh:
                 lines = fh.read().split("\n")
-        except FileNotFoundError:
+        except OSError:  # missing, or not a regular file: no usable journal
             return None
         try:
             header = json.loads(lines[0])
@@ -54,10 +58,10 @@ class ChunkJournal:
 
     def start(self, fresh: bool) -> None:
         """Open for appending; *fresh* truncates and writes a new header."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         if fresh:
-            flags |= os.O_TRUNC
-        self._fd = os.open(self.path, flags, 0o600)
+            self._fd = self.tree.create_file(self.path, os.O_WRONLY | os.O_APPEND)
+        else:
+            self._fd = self.tree.open_file(self.path, os.O_WRONLY | os.O_APPEND)
         if fresh:
             os.write(self._fd, (json.dumps(self.identity, sort_keys=True) + "\n").encode())
 
@@ -72,5 +76,4 @@ class ChunkJournal:
 
     def remove(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self.tree.unlink(self.path, missing_ok=True)

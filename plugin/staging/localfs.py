@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from plugin.confined import Tree
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +55,14 @@ class Entry:
     etag: str = ""  # S3 sources only
 
 
-def entry_from_stat(rel: str, path: str, st: os.stat_result) -> Entry | None:
+def entry_from_stat(rel: str, st: os.stat_result, readlink: Callable[[], str]) -> Entry | None:
+    """The Entry for *st*; *readlink* reads a symlink's target (through its parent's fd)."""
     if stat.S_ISREG(st.st_mode):
         kind, size, target = "file", st.st_size, ""
     elif stat.S_ISDIR(st.st_mode):
         kind, size, target = "dir", 0, ""
     elif stat.S_ISLNK(st.st_mode):
-        kind, target = "symlink", os.readlink(path)
+        kind, target = "symlink", readlink()
         size = len(os.fsencode(target))
     else:
         return None  # sockets, fifos, devices: not data
@@ -75,35 +79,25 @@ def entry_from_stat(rel: str, path: str, st: os.stat_result) -> Entry | None:
     )
 
 
-def walk(root: str, on_skip: Callable[[str, str], None]) -> Iterator[Entry]:
-    """Yield every entry under *root* (directories before their contents), not following
-    symlinks. Unreadable directories and special files are reported through *on_skip*."""
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        path_dir = os.path.join(root, rel_dir) if rel_dir else root
+def walk(tree: Tree, on_skip: Callable[[str, str], None]) -> Iterator[Entry]:
+    """Yield every entry beneath *tree* (directories before their contents) through its
+    descriptors: links are entries, never followed, and a directory swapped for a link while
+    we walk is listed as that link. Unreadable directories and special files are reported
+    through *on_skip* with messages that name only paths inside the tree."""
+
+    def unreadable(rel: str, exc: OSError) -> None:
+        on_skip(rel or ".", f"cannot list directory: {exc.strerror}")
+
+    for rel, st in tree.walk(unreadable, skip=lambda name: name.startswith(TEMP_PREFIX)):
         try:
-            with os.scandir(path_dir) as it:
-                children = list(it)
+            entry = entry_from_stat(rel, st, functools.partial(tree.readlink, rel))
         except OSError as exc:
-            on_skip(rel_dir or ".", f"cannot list directory: {exc.strerror}")
+            on_skip(rel, f"cannot read: {exc.strerror}")
             continue
-        for de in children:
-            if de.name.startswith(TEMP_PREFIX):
-                continue
-            rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
-            try:
-                st = de.stat(follow_symlinks=False)
-                entry = entry_from_stat(rel, de.path, st)
-            except OSError as exc:
-                on_skip(rel, f"cannot stat: {exc.strerror}")
-                continue
-            if entry is None:
-                on_skip(rel, "special file (socket, fifo or device) not copied")
-                continue
-            yield entry
-            if entry.kind == "dir":
-                stack.append(rel)
+        if entry is None:
+            on_skip(rel, "special file (socket, fifo or device) not copied")
+            continue
+        yield entry
 
 
 def try_reflink(src_fd: int, dst_fd: int) -> bool:

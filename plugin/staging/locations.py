@@ -14,6 +14,10 @@ class LocalLocation:
     path: str
     #: The user wrote a trailing slash: the path is meant as a directory.
     trailing_slash: bool = False
+    #: The path was resolved (realpath) and checked by the caller, e.g. against the daemon's
+    #: allowed paths: it is opened with no symlink followed anywhere in it, so a component
+    #: swapped for a link since the check is refused instead of followed.
+    no_symlinks: bool = False
 
     def __str__(self) -> str:
         return self.path
