@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
 
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {f"fsname=stowage:{args.bucket}", "subtype=stowage", "allow_other"}
+    # Bucket metadata (x-amz-meta-mode, -uid) is written by whoever can write the bucket: it
+    # must never make a setuid program or a device node work through the mount.
+    options |= {"nosuid", "nodev"}
     if args.readonly:
         options.add("ro")
     if args.debug_fuse:

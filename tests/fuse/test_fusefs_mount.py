@@ -770,3 +770,17 @@ def test_concurrent_writers_to_different_files(mnt: Mount) -> None:
         list(pool.map(_write, range(16)))
     for i in range(16):
         assert get_body(mnt, f"c{i}.bin") == bytes([i]) * 100_000
+
+
+def test_mount_is_nosuid_and_nodev(mnt: Mount) -> None:
+    """Bucket metadata may claim a setuid-root program or a device node (security issue,
+    attack 5): the mount itself must make both inert, whatever a kernel or libfuse default."""
+    put(mnt, "suid", b"#!/bin/sh\n", mode=str(0o104755), uid="0", gid="0")
+    assert (mnt.path / "suid").exists()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mnt.path):
+            options = set(fields[5].split(","))
+            assert {"nosuid", "nodev"} <= options, options
+            return
+    raise AssertionError(f"{mnt.path} not in /proc/self/mountinfo")
