@@ -6,9 +6,11 @@ so `-o read-only=true` and `-o readonly=true` are not two different things to a 
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from plugin.errors import InvalidOptionError
 
@@ -77,11 +79,69 @@ def parse_size(value: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-def check_url(value: str) -> str:
-    """An endpoint URL; anything else would only fail later, inside a mount."""
+#: Where S3 credentials go instead of an endpoint URL: the stowage daemon's own sources, and
+#: those of the commands that run without it (`stowage cp`, `stowage volume backup|restore`).
+DAEMON_CREDENTIALS = (
+    "give the stowage daemon its credentials through the AWS chain instead: a profile in its "
+    "credentials file (--credentials-file, env STOWAGE_CREDENTIALS_FILE; default "
+    "ROOT/credentials; mode 0600; a managed plugin reads it from its credentials mount, "
+    "`docker plugin set stowage credentials.source=DIR`) selected with -o profile=NAME, "
+    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment, or an instance or container "
+    "role"
+)
+CLI_CREDENTIALS = (
+    "credentials come from the AWS chain instead: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in "
+    "the environment, a profile in the shared credentials file (~/.aws/credentials, or "
+    "AWS_SHARED_CREDENTIALS_FILE) selected with --profile NAME, or an instance or container role"
+)
+
+
+def redact_userinfo(url: str) -> str:
+    """*url* fit to show: anything that may be user information (everything between `//`
+    and the last `@`, or before the last `@` without a scheme) becomes `***`."""
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("//")
+    if not sep:
+        scheme, rest = "", url
+    return f"{scheme}{sep}***{rest[rest.rfind('@') :]}"
+
+
+def check_url(value: str, credentials_hint: str = DAEMON_CREDENTIALS) -> str:
+    """An S3 endpoint URL, `http(s)://host[:port][/path]`: the one check of every endpoint
+    stowage accepts (volume options, --s3-endpoint, the CLIs' --endpoint).
+
+    User information (`user:password@`) is refused: an endpoint is shown by `docker volume
+    inspect`, logged and put on the FUSE process's command line. Messages never repeat the
+    value (callers show it through redact_userinfo)."""
+    if "@" in value:
+        # Tested before anything else, so that no other message is tempted to show the value.
+        raise ValueError(
+            "an endpoint URL must not contain user information (user:password@ or user@): "
+            "it would be shown by `docker volume inspect`, in logs and on command lines; "
+            + credentials_hint
+        )
     if not value.startswith(("http://", "https://")):
         raise ValueError("expected a URL starting with http:// or https://")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("expected http(s)://host[:port][/path] with a numeric port") from None
+    if not parts.hostname:
+        raise ValueError("expected http(s)://host[:port][/path]: the host is missing")
     return value
+
+
+def endpoint_arg(value: str) -> str:
+    """argparse `type=` for the CLIs' --endpoint: check_url, reported as a usage error that
+    shows the value with its user information masked."""
+    try:
+        return check_url(value, CLI_CREDENTIALS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"endpoint {redact_userinfo(value)!r}: {exc}") from None
 
 
 def check_text(value: str) -> str:
@@ -133,4 +193,5 @@ def check_options(
         try:
             spec.check(value)
         except ValueError as exc:
-            raise InvalidOptionError(f"option {key}={value!r}: {exc}") from None
+            shown = redact_userinfo(value)  # an endpoint's password must not reach the message
+            raise InvalidOptionError(f"option {key}={shown!r}: {exc}") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from plugin import PLUGIN_NAME
 from plugin.logs import LEVELS
-from plugin.options import check_url
+from plugin.options import check_url, redact_userinfo
 
 DEFAULT_SOCKET = Path(f"/run/docker/plugins/{PLUGIN_NAME}.sock")
 DEFAULT_ROOT = Path("/var/lib/stowage")
@@ -102,8 +102,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path(mount_root_env) if mount_root_env else None,
         metavar="DIR",
         help=f"hand Docker every volume as a mount under DIR; a managed plugin sets its "
-        f"PropagatedMount here (env {ENV_MOUNT_ROOT}; default: local volumes are their data "
-        "directory, S3 mounts go under ROOT/mounts)",
+        f"PropagatedMount here (env {ENV_MOUNT_ROOT}; default: managed local volumes are "
+        "their data directory; path= and read-only binds and S3 mounts go under ROOT/mounts)",
     )
     credentials_env = env.get(ENV_CREDENTIALS_FILE)
     parser.add_argument(
@@ -117,7 +117,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--s3-endpoint",
         type=_endpoint,
-        default=_endpoint(env[ENV_S3_ENDPOINT]) if env.get(ENV_S3_ENDPOINT) else None,
+        # A string default goes through `type` too, at parse time: a bad env value is a usage
+        # error like a bad flag, not a traceback while the parser is built.
+        default=env.get(ENV_S3_ENDPOINT) or None,
         metavar="URL",
         help=f"S3 endpoint for volumes created without -o endpoint= (env {ENV_S3_ENDPOINT}; "
         "default: AWS)",
@@ -135,7 +137,10 @@ def _endpoint(value: str) -> str:
     try:
         return check_url(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"S3 endpoint {value!r}: {exc}") from None
+        raise argparse.ArgumentTypeError(
+            f"S3 endpoint {redact_userinfo(value)!r} (--s3-endpoint or env {ENV_S3_ENDPOINT}): "
+            f"{exc}"
+        ) from None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

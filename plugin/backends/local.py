@@ -3,13 +3,23 @@
 A managed volume keeps its data in `<root>/volumes/<encoded name>/data` (deleted by Remove);
 `path=` serves an existing host directory under an allowed root (never deleted). With
 `readonly=true` Docker gets a read-only bind of the data at `<root>/mounts/<encoded name>`.
+
+A `path=` directory lies in a tree that other users (and containers it was served to) can
+write, so anyone there may replace it, or a directory above it, with a symlink after Create.
+Its path is therefore never handed to Docker nor given to mount(2) as a string: at every Mount
+it is opened beneath the allowed root that holds it with nothing beneath that root followed
+(`Tree.beneath`), and Docker gets a bind made from that descriptor at
+`<root>/mounts/<encoded name>` (or under the managed plugin's mount root). Read-only binds of
+managed volumes are made the same way.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Mapping
@@ -21,7 +31,8 @@ from plugin.backends.base import Backend
 from plugin.backends.credentials import CredentialsFile
 from plugin.backends.staging import OPTION_SPECS as STAGING_OPTION_SPECS
 from plugin.backends.staging import Stager
-from plugin.errors import BackendError, InvalidOptionError, MountError
+from plugin.confined import Tree, UnsafePathError
+from plugin.errors import BackendError, InvalidOptionError, MountError, PluginError
 from plugin.names import encode_name
 from plugin.options import OptionSpec, parse_bool, parse_id, parse_mode
 from plugin.records import VolumeRecord
@@ -71,8 +82,8 @@ class LocalBackend(Backend):
     ) -> None:
         """`mount_root` set (a managed plugin's PropagatedMount): every volume is handed to
         Docker as a bind under it, since paths elsewhere are invisible to dockerd. Unset
-        (legacy plugin): Docker gets the data directory itself, and read-only binds go to
-        `<root>/mounts`."""
+        (legacy plugin): Docker gets a managed volume's data directory itself, and binds
+        (`path=` volumes, read-only volumes) go to `<root>/mounts`."""
         super().__init__(root)
         self.allowed_paths = tuple(Path(os.path.realpath(p)) for p in allowed_paths)
         self.volumes_dir = root / "volumes"
@@ -96,8 +107,13 @@ class LocalBackend(Backend):
     def _readonly(self, record: VolumeRecord) -> bool:
         return parse_bool(record.options.get("readonly", "false"))
 
+    def _binds(self, record: VolumeRecord) -> bool:
+        """True if Docker gets a bind at mountpoint(record) rather than the data directory:
+        always for `path=` volumes, whose path someone else may redirect with a symlink."""
+        return self.always_bind or "path" in record.options or self._readonly(record)
+
     def mountpoint(self, record: VolumeRecord) -> Path:
-        if self.always_bind or self._readonly(record):
+        if self._binds(record):
             return self.mounts_dir / encode_name(record.name)
         return self.data_path(record)
 
@@ -118,11 +134,49 @@ class LocalBackend(Backend):
             f"path {raw!r} (resolved to {real}) is not under an allowed path ({allowed_list})"
         )
 
+    def _allowed_root_of(self, path: Path) -> tuple[Path, str] | None:
+        """(allowed root, path relative to it) for the outermost allowed root holding *path*,
+        so that as much of the path as possible is opened without following anything."""
+        for allowed in sorted(self.allowed_paths, key=lambda p: len(p.parts)):
+            if path == allowed or allowed in path.parents:
+                return allowed, path.relative_to(allowed).as_posix()
+        return None
+
+    def _open_host_dir(self, path: Path) -> Tree:
+        """The stored (resolved) `path=` directory, opened beneath its allowed root with no
+        symlink beneath that root followed. Raises _HostDirError saying what is wrong."""
+        found = self._allowed_root_of(path)
+        if found is None:
+            allowed_list = ", ".join(str(p) for p in self.allowed_paths) or "none"
+            raise _HostDirError(f"is not under an allowed path any more (allowed: {allowed_list})")
+        base, rel = found
+        try:
+            return Tree.beneath(base, rel)
+        except UnsafePathError:
+            raise _HostDirError(_swapped(base)) from None
+        except FileNotFoundError:
+            raise _HostDirError("no longer exists", missing=True) from None
+        except NotADirectoryError:
+            # openat2 reports a symlink in the last place as ENOTDIR: say which it is.
+            if _is_link(base, rel):
+                raise _HostDirError(_swapped(base)) from None
+            raise _HostDirError(
+                "is not a directory (or a directory on its way was replaced by a file)",
+                missing=True,
+            ) from None
+        except OSError as exc:
+            raise _HostDirError(f"cannot be opened: {exc.strerror}") from None
+
     def validate(self, name: str, options: Mapping[str, str]) -> None:
         if "path" in options:
-            real = self._resolve_allowed(options["path"])
-            if not real.is_dir():
-                raise InvalidOptionError(f"path {options['path']!r} is not an existing directory")
+            raw = options["path"]
+            real = self._resolve_allowed(raw)
+            try:
+                self._open_host_dir(real).close()
+            except _HostDirError as exc:
+                if exc.missing:
+                    raise InvalidOptionError(f"path {raw!r} is not an existing directory") from None
+                raise InvalidOptionError(f"path {raw!r} (resolved to {real}) {exc}") from None
         self.stager.validate(options)
 
     def with_defaults(self, options: Mapping[str, str]) -> dict[str, str]:
@@ -143,65 +197,107 @@ class LocalBackend(Backend):
 
     def create(self, record: VolumeRecord) -> None:
         if "path" in record.options:
-            data = self.data_path(record)
-        else:
-            volume_dir = self._volume_dir(record)
-            data = volume_dir / "data"
+            path = self.data_path(record)
             try:
-                volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if data.exists():
-                    log.warning(
-                        "reusing existing data directory %s for volume %s", data, record.name
-                    )
-                else:
-                    data.mkdir(mode=0o755)
-            except OSError as exc:
-                raise BackendError(f"cannot create data directory {data}: {exc.strerror}") from exc
-        self._apply_ownership(record, data)
-        if "path" not in record.options:
-            self.stager.created(record, data, self._volume_dir(record))
+                tree = self._open_host_dir(path)
+            except _HostDirError as exc:
+                raise InvalidOptionError(f"path {str(path)!r} {exc}") from None
+            with tree:  # owner and mode go to the directory validated, through its descriptor
+                self._apply_ownership(record, tree)
+            return
+        volume_dir = self._volume_dir(record)
+        data = volume_dir / "data"
+        try:
+            volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if data.exists():
+                log.warning("reusing existing data directory %s for volume %s", data, record.name)
+            else:
+                data.mkdir(mode=0o755)
+        except OSError as exc:
+            raise BackendError(f"cannot create data directory {data}: {exc.strerror}") from exc
+        with self._open_managed(record, BackendError) as tree:
+            self._apply_ownership(record, tree)
+        self.stager.created(record, data, self._volume_dir(record))
 
-    def _apply_ownership(self, record: VolumeRecord, data: Path) -> None:
+    def _open_managed(self, record: VolumeRecord, error: type[PluginError]) -> Tree:
+        """A managed volume's data directory, opened beneath stowage's own volumes directory
+        (which no container can write; opened confined all the same, like path= volumes)."""
+        rel = f"{encode_name(record.name)}/data"
+        try:
+            return Tree.beneath(self.volumes_dir, rel)
+        except OSError as exc:
+            raise error(
+                f"cannot open data directory {self.volumes_dir / rel} of volume "
+                f"{record.name!r}: {exc.strerror}"
+            ) from None
+
+    def _apply_ownership(self, record: VolumeRecord, tree: Tree) -> None:
+        """Owner and mode of the volume root, set through its descriptor (never a path)."""
         opts = record.options
         try:
             if "uid" in opts or "gid" in opts:
                 uid = parse_id(opts["uid"]) if "uid" in opts else -1
                 gid = parse_id(opts["gid"]) if "gid" in opts else -1
-                os.chown(data, uid, gid)
+                tree.lchown("", uid, gid)
             if "mode" in opts:
-                os.chmod(data, parse_mode(opts["mode"]))
+                tree.chmod("", parse_mode(opts["mode"]))
             elif "path" not in opts:
-                os.chmod(data, 0o755)  # mkdir's mode is filtered by the umask
+                tree.chmod("", 0o755)  # mkdir's mode is filtered by the umask
         except OSError as exc:
-            raise BackendError(f"cannot set owner/mode of {data}: {exc.strerror}") from exc
+            raise BackendError(f"cannot set owner/mode of {tree.shown}: {exc.strerror}") from exc
+
+    def _open_data(self, record: VolumeRecord) -> Tree:
+        """The volume's data directory as a descriptor; MountError if it cannot be served."""
+        if "path" not in record.options:
+            return self._open_managed(record, MountError)
+        path = self.data_path(record)
+        try:
+            return self._open_host_dir(path)
+        except _HostDirError as exc:
+            hint = (
+                "recreate it, or remove the volume"
+                if exc.missing
+                else "restore the real directory, or remove the volume"
+            )
+            raise MountError(
+                f"host directory {path} of volume {record.name!r} {exc}; {hint}"
+            ) from None
 
     def mount(self, record: VolumeRecord) -> Path:
-        data = self.data_path(record)
-        if not data.is_dir():
-            if "path" in record.options:
-                raise MountError(
-                    f"host directory {data} of volume {record.name!r} no longer exists; "
-                    "recreate it, or remove the volume"
-                )
-            raise MountError(
-                f"data directory {data} of volume {record.name!r} is missing; was stowage's "
-                "root moved or cleaned? Remove and recreate the volume to start empty"
-            )
-        staged = "path" not in record.options and self.stager.mount(
-            record, data, self._volume_dir(record)
-        )
-        if staged:
-            self._apply_ownership(record, data)  # the copy may have set the source's
         target = self.mountpoint(record)
-        if target == data:
-            return target
+        if "path" in record.options:
+            staged = False
+        else:
+            data = self.data_path(record)
+            if not data.is_dir():
+                raise MountError(
+                    f"data directory {data} of volume {record.name!r} is missing; was stowage's "
+                    "root moved or cleaned? Remove and recreate the volume to start empty"
+                )
+            staged = self.stager.mount(record, data, self._volume_dir(record))
+            if not staged and target == data:
+                return target  # a legacy read-write volume: Docker binds the data directory
+        with self._open_data(record) as tree:
+            if staged:
+                self._apply_ownership(record, tree)  # the copy may have set the source's
+            if self._binds(record):
+                self._bind(tree, target, readonly=self._readonly(record))
+        return target
+
+    def _bind(self, tree: Tree, target: Path, readonly: bool) -> None:
+        """Bind the opened directory at *target* (mount(2) gets /proc/self/fd/N, so what was
+        opened is bound, whatever its path names by now). A bind already there is kept if it
+        shows that very directory, and replaced otherwise (e.g. the directory was recreated)."""
         try:
             target.mkdir(parents=True, exist_ok=True)
-            if not mounts.is_mountpoint(target):
-                mounts.bind_mount(data, target, readonly=self._readonly(record))
+            if mounts.is_mountpoint(target):
+                if _same_dir(target, tree.fd):
+                    return
+                log.warning("%s no longer shows %s: binding it again", target, tree.shown)
+                _detach(target)
+            mounts.bind_mount(Path(tree.proc_path()), target, readonly=readonly)
         except OSError as exc:
-            raise MountError(f"cannot bind {data} at {target}: {exc}") from exc
-        return target
+            raise MountError(f"cannot bind {tree.shown} at {target}: {exc}") from exc
 
     def unmount(self, record: VolumeRecord) -> None:
         self._unbind(record)
@@ -212,7 +308,7 @@ class LocalBackend(Backend):
         if target == self.data_path(record):
             return
         try:
-            mounts.lazy_unmount(target)
+            _detach(target)
             target.rmdir()
         except FileNotFoundError:
             pass
@@ -240,14 +336,28 @@ class LocalBackend(Backend):
         self._delete_tree(trashed)
 
     def _delete_tree(self, path: Path) -> None:
+        """Delete the trash entry *path* (a direct child of the trash directory). A link there is
+        unlinked, never followed, and the tree is removed by shutil.rmtree's descriptor-based
+        walk relative to the trash directory, which never follows a link planted in the data."""
+
         def onerror(_func: object, failed: str, exc_info: object) -> None:
             log.warning("cannot delete %s: %s (left in %s)", failed, exc_info, self.trash_dir)
 
-        # `onerror` is deprecated from 3.12 on in favour of `onexc`, which 3.11 lacks.
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(path, onexc=onerror)
-        else:
-            shutil.rmtree(path, onerror=onerror)
+        assert path.parent == self.trash_dir, path
+        assert shutil.rmtree.avoids_symlink_attacks  # the fd-based walk (Linux)
+        with Tree.at(self.trash_dir) as trash:
+            try:
+                st = os.stat(path.name, dir_fd=trash.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(path.name, dir_fd=trash.fd)
+                return
+            # `onerror` is deprecated from 3.12 on in favour of `onexc`, which 3.11 lacks.
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path.name, dir_fd=trash.fd, onexc=onerror)
+            else:
+                shutil.rmtree(path.name, dir_fd=trash.fd, onerror=onerror)
 
     def status(self, record: VolumeRecord) -> dict[str, Any]:
         status: dict[str, Any] = {"data": str(self.data_path(record))}
@@ -272,3 +382,47 @@ class LocalBackend(Backend):
             for leftover in self.trash_dir.iterdir():
                 log.info("deleting leftover of an interrupted Remove: %s", leftover)
                 self._delete_tree(leftover)
+
+
+class _HostDirError(Exception):
+    """Why a `path=` directory cannot be served; the message completes "host directory X ..."."""
+
+    def __init__(self, problem: str, missing: bool = False) -> None:
+        super().__init__(problem)
+        #: The directory is gone (or not a directory): not an attack, just absent.
+        self.missing = missing
+
+
+def _swapped(base: Path) -> str:
+    return (
+        f"is now a symlink, or a directory between the allowed path {base} and it was "
+        "replaced by one; stowage follows no symlink beneath an allowed path, since it could "
+        "lead outside the allowed paths"
+    )
+
+
+def _is_link(base: Path, rel: str) -> bool:
+    try:
+        with Tree.at(base) as root:
+            return stat.S_ISLNK(root.lstat(rel).st_mode)
+    except OSError:
+        return False
+
+
+def _same_dir(target: Path, fd: int) -> bool:
+    """True if the mount at *target* shows the directory open as *fd*."""
+    try:
+        shown = os.stat(target)
+    except OSError:
+        return False
+    opened = os.fstat(fd)
+    return (shown.st_dev, shown.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _detach(target: Path) -> None:
+    """Detach every mount stacked at *target* (bounded: a few at most)."""
+    for _ in range(8):
+        if not mounts.is_mountpoint(target):
+            return
+        mounts.lazy_unmount(target)
+    raise OSError(errno.EBUSY, "mounts keep reappearing", str(target))

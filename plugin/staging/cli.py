@@ -14,7 +14,7 @@ import threading
 from types import FrameType
 from typing import Any, TextIO
 
-from plugin.options import parse_size
+from plugin.options import endpoint_arg, parse_size
 from plugin.staging.engine import DEFAULT_CHUNK_SIZE, CopyOptions, S3Options, copy
 from plugin.staging.errors import StagingError
 from plugin.staging.progress import Progress
@@ -54,7 +54,11 @@ def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="chunk / multipart part size, e.g. 8M (default 8M; parts are at least 5M)",
     )
     p.add_argument("--bwlimit", type=_size_arg, help="bandwidth limit in bytes/s, e.g. 50M")
-    p.add_argument("--endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000")
+    p.add_argument(
+        "--endpoint",
+        type=endpoint_arg,
+        help="S3 endpoint URL, e.g. http://127.0.0.1:9000 (no credentials in it)",
+    )
     p.add_argument("--region", help="S3 region (default us-east-1)")
     p.add_argument("--profile", help="AWS profile from the shared config/credentials files")
     p.add_argument(

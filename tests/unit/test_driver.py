@@ -169,6 +169,7 @@ def test_create_over_interrupted_remove_starts_empty(
     assert list(data_dir(settings, "v").iterdir()) == []
 
 
+@needs_root
 def test_path_volume_serves_host_dir_and_remove_keeps_it(
     driver: VolumeDriver, settings: Settings
 ) -> None:
@@ -176,8 +177,14 @@ def test_path_volume_serves_host_dir_and_remove_keeps_it(
     host.mkdir()
     (host / "keep").write_text("precious")
     driver.create("p", {"path": str(host)})
-    assert driver.mount("p", ID1) == str(host)
-    driver.unmount("p", ID1)
+    # A bind of the opened directory, never the path string (tests/security/test_path_volumes).
+    mountpoint = Path(driver.mount("p", ID1))
+    try:
+        assert mountpoint == settings.root / "mounts" / "p" == Path(driver.path("p"))
+        assert (mountpoint / "keep").read_text() == "precious"
+    finally:
+        driver.unmount("p", ID1)
+    assert not mounts.is_mountpoint(mountpoint)
     driver.remove("p")
     assert (host / "keep").read_text() == "precious"
 
