@@ -132,6 +132,28 @@ def check_url(value: str, credentials_hint: str = DAEMON_CREDENTIALS) -> str:
         raise ValueError("expected http(s)://host[:port][/path] with a numeric port") from None
     if not parts.hostname:
         raise ValueError("expected http(s)://host[:port][/path]: the host is missing")
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        # A query could carry a signature or token, shown wherever the endpoint is.
+        raise ValueError("an endpoint URL takes no query (?...) or fragment (#...)")
+    return value
+
+
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+
+
+def check_bucket_name(value: str) -> str:
+    """An S3 bucket name (3-63 letters, digits, '.', '-', '_'): the one check of every bucket
+    in volume options and `s3://bucket/...` URLs. `user:password@bucket` is refused like
+    user information in an endpoint, since options are shown by `docker volume inspect`."""
+    if "@" in value or ":" in value:
+        raise ValueError(
+            "a bucket name cannot hold user information (user:password@); " + DAEMON_CREDENTIALS
+        )
+    if not _BUCKET_RE.match(value):
+        raise ValueError(
+            "expected an S3 bucket name: 3-63 letters, digits, '.', '-' or '_', "
+            "starting and ending with a letter or digit"
+        )
     return value
 
 

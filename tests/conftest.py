@@ -10,6 +10,11 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The real-dockerd fixtures, shared by tests/e2e and tests/security. Registered here because
+# pytest accepts `pytest_plugins` only in the top-level conftest, and registered once so that a
+# session running both tiers starts one private dockerd, not one per tier.
+pytest_plugins = ["harness.e2e_fixtures"]
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(

@@ -23,6 +23,7 @@ from plugin.errors import BackendError, InvalidOptionError, MountError
 from plugin.names import encode_name
 from plugin.options import (
     OptionSpec,
+    check_bucket_name,
     check_text,
     check_url,
     parse_bool,
@@ -54,9 +55,7 @@ def parse_seconds(value: str) -> float:
 
 
 def _check_bucket(value: str) -> str:
-    if not 3 <= len(value) <= 63 or "/" in value or value != value.strip():
-        raise ValueError("expected an S3 bucket name (3-63 characters, no '/')")
-    return value
+    return check_bucket_name(value)
 
 
 class S3Backend(Backend):

@@ -26,7 +26,15 @@ from typing import Any
 from plugin.backends.credentials import CredentialsFile
 from plugin.confined import Tree
 from plugin.errors import BackendError, InvalidOptionError, MountError
-from plugin.options import OptionSpec, check_text, check_url, parse_bool, parse_id, parse_size
+from plugin.options import (
+    OptionSpec,
+    check_bucket_name,
+    check_text,
+    check_url,
+    parse_bool,
+    parse_id,
+    parse_size,
+)
 from plugin.records import VolumeRecord
 from plugin.staging.engine import CopyOptions, S3Options, copy
 from plugin.staging.errors import SourceNotFoundError, StagingError
@@ -68,9 +76,10 @@ def _check_stage_in(value: str) -> str:
 def _check_s3_url(value: str) -> str:
     if not value.lower().startswith("s3://"):
         raise ValueError("expected s3://bucket/prefix")
-    bucket = value[5:].partition("/")[0]
-    if not 3 <= len(bucket) <= 63:
-        raise ValueError("expected s3://bucket/prefix with a bucket name of 3-63 characters")
+    try:
+        check_bucket_name(value[5:].partition("/")[0])
+    except ValueError as exc:
+        raise ValueError(f"expected s3://bucket/prefix: {exc}") from None
     if "\0" in value or "\n" in value:
         raise ValueError("must not contain NUL or newline characters")
     return value

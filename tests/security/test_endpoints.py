@@ -255,3 +255,30 @@ def test_endpoint_is_refused_exactly_when_it_has_userinfo(
     else:
         for entry_point in ENTRY_POINTS:
             assert "***@" in entry_point(url)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"backend": "s3", "bucket": f"alice:{PASSWORD}@bucket"},
+        {"stage_out": f"s3://alice:{PASSWORD}@bucket/prefix"},
+        {"stage_in": f"s3://alice:{PASSWORD}@bucket/prefix"},
+    ],
+    ids=["s3-bucket", "stage-out", "stage-in"],
+)
+def test_bucket_with_userinfo_is_refused(driver: VolumeDriver, options: dict[str, str]) -> None:
+    """`s3://user:pw@bucket/...` was accepted and shown by `docker volume inspect`."""
+    with pytest.raises(InvalidOptionError) as raised:
+        driver.create("v", options)
+    assert PASSWORD not in str(raised.value)
+    assert "user information" in str(raised.value)
+    with pytest.raises(VolumeNotFoundError):
+        driver.get("v")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9000/?X-Amz-Signature=abc", "https://s3.example.com/#token=x"]
+)
+def test_endpoint_with_a_query_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="no query"):
+        check_url(url)

@@ -183,7 +183,7 @@ def test_status_of_unstaged_volume_has_no_staging(driver: VolumeDriver) -> None:
     [
         ({"stage_in": "relative/path"}, "absolute host path"),
         ({"stage_in": "/etc"}, "is not under an allowed path"),
-        ({"stage_in": "s3://x"}, "bucket name of 3-63"),
+        ({"stage_in": "s3://x"}, "expected an S3 bucket name"),
         ({"stage_in_policy": "sometimes", "stage_in": "/x"}, "expected once or always"),
         ({"endpoint": "http://127.0.0.1:1"}, "only apply to staged volumes"),
         ({"prefetch": "true"}, "only apply to staged volumes"),
