@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from plugin import __version__
+from plugin.options import endpoint_arg
 from plugin.settings import add_root_argument, add_serve_arguments, settings_from_args
 from plugin.staging.cli import add_cp_parser, run_cp
 
@@ -70,12 +71,15 @@ def add_volume_parser(commands: Any) -> None:
         p.add_argument(second, metavar=second.upper())
         add_root_argument(p)
         p.add_argument("-j", "--jobs", type=int, default=8, help="parallel transfers")
-        p.add_argument("--endpoint", help="S3 endpoint URL")
+        p.add_argument(
+            "--endpoint", type=endpoint_arg, help="S3 endpoint URL (no credentials in it)"
+        )
         p.add_argument("--region", help="S3 region")
         p.add_argument("--profile", help="AWS profile")
 
 
 def run_volume(args: argparse.Namespace) -> int:
+    from plugin.driver.archive import ArchiveResult
     from plugin.driver.backup import BackupError, backup, restore, volume_data_dir
     from plugin.errors import PluginError
     from plugin.staging.engine import CopyOptions, S3Options
@@ -92,8 +96,11 @@ def run_volume(args: argparse.Namespace) -> int:
     except (BackupError, PluginError) as exc:
         print(f"stowage volume {args.action}: {exc}", file=sys.stderr)
         return 2
-    if result is None:
-        print(f"stowage volume {args.action}: done", file=sys.stderr)
+    if isinstance(result, ArchiveResult):
+        for skipped in result.skipped:
+            print(f"stowage volume {args.action}: warning: {skipped}", file=sys.stderr)
+        verb = "archived" if args.action == "backup" else "restored"
+        print(f"stowage volume {args.action}: {result.summary(verb)}", file=sys.stderr)
         return 0
     for err in result.errors[:20]:
         print(f"stowage volume {args.action}: {err.path}: {err.message}", file=sys.stderr)

@@ -130,11 +130,18 @@ class Tree:
     # -- opening roots --------------------------------------------------------------------
 
     @classmethod
-    def at(cls, path: str | Path, *, create: bool = False, mode: int = 0o755) -> Tree:
-        """A trusted root path (symlinks in it are followed, once). *create*: mkdir -p."""
+    def at(
+        cls, path: str | Path, *, create: bool = False, mode: int = 0o755, no_symlinks: bool = False
+    ) -> Tree:
+        """A trusted root path (symlinks in it are followed, once). *create*: mkdir -p.
+        *no_symlinks*: the caller resolved and checked *path* (realpath, allowed paths), so
+        it must hold no symlink at all now; one swapped in since is refused, not followed."""
         path = os.fspath(path)
         if create:
             os.makedirs(path, mode=mode, exist_ok=True)
+        if no_symlinks:
+            with cls.at("/") as root:
+                return Tree(root.open_dir(check_relpath(path.lstrip("/"))), path)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return cls(fd, path)
 

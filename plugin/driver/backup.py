@@ -5,18 +5,21 @@ Why here and not only `stowage cp`: the user names a volume, not its data direct
 percent-encoded, `path=` volumes live elsewhere). A DEST/SRC ending in `.tar.gz` is an archive
 with `./` members, the layout of the classic `tar czf backup.tar.gz -C /data .` recipe, so
 either can restore the other's backups; anything else is a tree, copied incrementally.
+Archives are read and written by `plugin.driver.archive`, whose member policy makes a hostile
+archive harmless to the host whatever the Python version.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
 import tempfile
 from pathlib import Path
 
+from plugin.driver.archive import ArchiveError, ArchiveResult, extract_archive, write_archive
 from plugin.errors import PluginError
 from plugin.names import encode_name, validate_name
 from plugin.staging.engine import CopyOptions, S3Options, copy
+from plugin.staging.locations import LocalLocation
 from plugin.staging.progress import CopyResult
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
@@ -59,43 +62,45 @@ def volume_data_dir(root: Path, name: str, *, for_restore: bool = False) -> Path
             f"volume {name!r} is in use by a container; stop it first (restoring under a "
             "running application corrupts its view of the data)"
         )
+    # Resolved now (the root is the admin's; a path= value was resolved at Create), so the
+    # data directory is opened with no symlink followed: one swapped in since is refused.
     if "path" in record.options:
-        return Path(record.options["path"])
-    return root / "volumes" / encode_name(name) / "data"
+        return Path(os.path.realpath(record.options["path"]))
+    return Path(os.path.realpath(root)) / "volumes" / encode_name(name) / "data"
 
 
-def backup(data: Path, dest: str, options: CopyOptions, s3: S3Options) -> CopyResult | None:
-    """Tree copy (returns the copy result), or a .tar.gz written atomically (returns None)."""
+def _volume_location(data: Path) -> LocalLocation:
+    """A volume's data directory as a copy location, opened with no symlink followed."""
+    return LocalLocation(str(data), trailing_slash=True, no_symlinks=True)
+
+
+def backup(
+    data: Path, dest: str, options: CopyOptions, s3: S3Options
+) -> CopyResult | ArchiveResult:
+    """Tree copy, or a .tar.gz written atomically; the result says what was copied/skipped."""
     if not is_archive(dest):
-        return copy(str(data) + "/", dest.rstrip("/") + "/", options, s3=s3)
-    if dest.lower().startswith("s3://"):
+        return copy(_volume_location(data), dest.rstrip("/") + "/", options, s3=s3)
+    try:
+        if not dest.lower().startswith("s3://"):
+            return write_archive(data, dest, no_symlinks=True)
         with tempfile.TemporaryDirectory(prefix="stowage-backup-") as tmp:
             archive = Path(tmp) / "backup.tar.gz"
-            _write_archive(data, archive)
+            written = write_archive(data, archive, no_symlinks=True)
             result = copy(str(archive), dest, options, s3=s3)
             if not result.ok:
                 raise BackupError(f"uploading the archive to {dest} failed: {result.summary()}")
-        return None
-    final = Path(dest).absolute()
-    partial = final.with_name(f".{final.name}.partial")
-    _write_archive(data, partial)
-    os.replace(partial, final)
-    return None
+            return written
+    except ArchiveError as exc:
+        raise BackupError(str(exc)) from exc
 
 
-def _write_archive(data: Path, archive: Path) -> None:
-    try:
-        with tarfile.open(archive, "w:gz") as tar:
-            tar.add(str(data), arcname=".")
-    except OSError as exc:
-        archive.unlink(missing_ok=True)
-        raise BackupError(f"cannot write {archive}: {exc}") from exc
-
-
-def restore(src: str, data: Path, options: CopyOptions, s3: S3Options) -> CopyResult | None:
-    """Tree copy into the volume (incremental), or extraction of a .tar.gz."""
+def restore(
+    src: str, data: Path, options: CopyOptions, s3: S3Options
+) -> CopyResult | ArchiveResult:
+    """Tree copy into the volume (incremental), or extraction of a .tar.gz, which overwrites
+    what is there like `tar xzf ARCHIVE -C /data`; a hostile archive is refused whole."""
     if not is_archive(src):
-        return copy(src.rstrip("/") + "/", str(data) + "/", options, s3=s3)
+        return copy(src.rstrip("/") + "/", _volume_location(data), options, s3=s3)
     with tempfile.TemporaryDirectory(prefix="stowage-restore-") as tmp:
         archive = Path(src)
         if src.lower().startswith("s3://"):
@@ -106,10 +111,6 @@ def restore(src: str, data: Path, options: CopyOptions, s3: S3Options) -> CopyRe
         if not archive.is_file():
             raise BackupError(f"archive {src} does not exist")
         try:
-            with tarfile.open(archive, "r:*") as tar:
-                # "tar" filter: no absolute paths, nothing outside the volume, no setuid bits;
-                # like `tar xzf ARCHIVE -C /data`, existing files are overwritten.
-                tar.extractall(data, filter="tar")
-        except (OSError, tarfile.TarError) as exc:
-            raise BackupError(f"cannot extract {src} into {data}: {exc}") from exc
-    return None
+            return extract_archive(archive, data, no_symlinks=True)
+        except ArchiveError as exc:
+            raise BackupError(str(exc)) from exc

@@ -557,7 +557,7 @@ class _Copier:
             self._index_destination(prefix)
         else:
             existed = os.path.isdir(self.dst.path)
-            self._dt = Tree.at(self.dst.path, create=True)
+            self._dt = Tree.at(self.dst.path, create=True, no_symlinks=self.dst.no_symlinks)
             if not existed:
                 self._fresh_dirs.add("")
         files: list[_Target] = []
@@ -573,7 +573,7 @@ class _Copier:
         if isinstance(src, LocalLocation):
             try:
                 if src.no_symlinks:
-                    self._st = Tree.beneath("/", src.path.lstrip("/"))
+                    self._st = Tree.at(src.path, no_symlinks=True)
                     st = os.fstat(self._st.fd)
                 else:
                     st = os.stat(src.path)
