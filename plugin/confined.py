@@ -105,11 +105,24 @@ def _walk_open(dirfd: int, rel: str, flags: int, mode: int) -> int:
     cur = dirfd
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, _O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+            try:
+                nxt = os.open(
+                    part, _O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur
+                )
+            except NotADirectoryError:
+                # As openat2 with RESOLVE_NO_SYMLINKS says it: ELOOP for a link on the way.
+                if stat.S_ISLNK(os.stat(part, dir_fd=cur, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel) from None
+                raise
             if cur != dirfd:
                 os.close(cur)
             cur = nxt
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=cur)
+        try:
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=cur)
+        except NotADirectoryError:
+            if stat.S_ISLNK(os.stat(parts[-1], dir_fd=cur, follow_symlinks=False).st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel) from None
+            raise
     finally:
         if cur != dirfd:
             os.close(cur)
@@ -248,8 +261,13 @@ class Tree:
         rel = check_relpath(rel)
         if not rel:
             return os.dup(self.fd)
-        fd = self._resolve(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        return fd
+        try:
+            return self._resolve(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except NotADirectoryError:
+            # A link in the last place reads as ENOTDIR (O_DIRECTORY|O_NOFOLLOW): say so.
+            if stat.S_ISLNK(self.lstat(rel).st_mode):
+                raise UnsafePathError(self.display(rel)) from None
+            raise
 
     def lstat(self, rel: str) -> os.stat_result:
         rel = check_relpath(rel)
