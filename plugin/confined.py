@@ -246,11 +246,11 @@ class Tree:
         """A new, empty regular file at *rel*, replacing whatever entry was there (a link,
         a fifo or a device someone planted is removed, never opened)."""
         for _ in range(4):
-            self.unlink(rel, missing_ok=True)
             try:
                 return self.open(rel, flags | os.O_CREAT | os.O_EXCL, mode)
             except FileExistsError:
-                continue  # re-planted between the unlink and the open
+                # Removed, then tried again (something re-planted in between: bounded).
+                self.unlink(rel, missing_ok=True)
         raise UnsafePathError(self.display(rel), "keeps being replaced while it is created")
 
     def _root_reopen(self, flags: int) -> int:
