@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -37,9 +36,11 @@ class Boto3Store:
         max_connections: int = 32,
         client: Any = None,
     ) -> None:
-        # The instance metadata service is never the right credential source for a copy tool
-        # pointed at an explicit endpoint, and probing it costs seconds off EC2.
-        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        # Credentials: botocore's whole chain, as the process's environment configures it
+        # (keys, shared files and profiles, web identity, SSO, container credentials, the
+        # instance metadata service). Nothing here may switch a source off or write to
+        # os.environ: that would reach every later client in the daemon and every FUSE
+        # process it starts, and on a host whose only credentials are its role, fail them all.
         self.endpoint = endpoint_url or "AWS S3"
         self._client = client or make_s3_client(
             S3Settings(

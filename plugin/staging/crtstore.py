@@ -11,8 +11,10 @@ Notes:
 - boto3's own CRT integration ignores `endpoint_url` (perf-anchors §1.2), so requests are built
   here by hand: path-style `/bucket/key`, explicit Host header, TLS only for https endpoints.
 - Credentials come from the environment or the shared files (`--profile`) through CRT's own
-  providers; if those find none, from botocore's full chain (SSO, IMDS, ...) through a
-  delegate. Nothing is read from argv.
+  providers; if those find none, from botocore's full chain (web identity, SSO, container
+  credentials on ECS/EKS, the instance metadata service on EC2, ...) through a delegate that
+  asks botocore at every signing, so role credentials are refreshed before they expire.
+  Nothing is read from argv, and no credential source is ever switched off.
 - CRT retries a failed part at most once (it delivers a part only when complete, so the
   engine's byte accounting stays exact); the engine's own retries and resume do the rest.
 """
@@ -99,7 +101,10 @@ class CrtRequestError(Exception):
 
 
 class _Delegate:
-    """Hands botocore's current credentials (standard chain, refreshed as needed) to CRT."""
+    """Hands botocore's current credentials (standard chain, refreshed as needed) to CRT.
+
+    Role credentials (container, instance metadata, assumed roles) are refreshable objects
+    that expire: they are asked again at every call, never copied once."""
 
     def __init__(self, credentials: Any) -> None:
         self._creds = credentials
@@ -159,7 +164,9 @@ class CrtStore:
         )
 
     def _credentials(self, bootstrap: Any, profile: str | None) -> Any:
-        """Environment, then the shared files; else botocore's chain (imports boto3)."""
+        """Environment, then the shared files; else botocore's whole chain (imports boto3):
+        container credentials, the instance metadata service and the rest, as the
+        environment configures them."""
         providers = [] if profile else [auth.AwsCredentialsProvider.new_environment()]
         with contextlib.suppress(RuntimeError):  # raised when there is no shared file
             providers.append(
@@ -495,7 +502,9 @@ class _FastPath:
     """One `FastClient` per bucket, for an explicit path-style endpoint (none for AWS's own
     virtual-hosted endpoints or an endpoint with a path: the CRT handles those)."""
 
-    #: Credentials are asked of the CRT provider again after this many seconds.
+    #: Credentials are asked of the CRT provider again after this many seconds (the providers
+    #: behind it refresh role credentials well before they expire: botocore with 10 minutes
+    #: left at the latest).
     REFRESH = 60.0
 
     def __init__(self, endpoint_url: str | None, region: str, provider: Any) -> None:

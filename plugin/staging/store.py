@@ -24,12 +24,13 @@ STREAM_BUFSIZE = 256 * 1024
 
 
 class NoCredentialsError(Exception):
-    """No credentials in the standard chain (environment, shared files, profile)."""
+    """No credentials anywhere in the standard chain (environment, shared files and profiles,
+    container credentials, the instance metadata service)."""
 
     def __init__(self) -> None:
         super().__init__(
             "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "or use --profile with ~/.aws/credentials"
+            "use --profile with ~/.aws/credentials, or run with an instance or task role"
         )
 
 
