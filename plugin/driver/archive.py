@@ -87,7 +87,16 @@ def write_archive(src: str | Path, dest: str | Path, *, no_symlinks: bool = Fals
     partial = final.with_name(f".{final.name}.partial")
     result = ArchiveResult()
     try:
-        with Tree.at(src, no_symlinks=no_symlinks) as tree, tarfile.open(partial, "w:gz") as tar:
+        # 0600 whatever the umask: the archive holds the volume's data, which may be private
+        # (a 0700 volume); the admin widens it if they mean to share it.
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with (
+            open(fd, "wb") as raw,
+            Tree.at(src, no_symlinks=no_symlinks) as tree,
+            tarfile.open(fileobj=raw, mode="w:gz") as tar,
+        ):
             _add_tree(tree, tar, result)
         os.replace(partial, final)
     except OSError as exc:

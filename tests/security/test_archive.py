@@ -619,3 +619,15 @@ def test_volume_data_path_swapped_for_a_link_is_refused(site: Site, dest: str) -
     with pytest.raises((BackupError, StagingError)):
         backup_mod.restore(str(tar), swapped, CopyOptions(), S3Options())
     assert sorted(os.listdir(site.base / "elsewhere")) == ["x"]
+
+
+def test_archive_is_private_whatever_the_umask(site: Site) -> None:
+    """A 0644 archive of a 0700 volume let any local user read the volume's data."""
+    (site.dest / "secret.txt").write_text("private")
+    os.chmod(site.dest, 0o700)
+    old = os.umask(0o022)
+    try:
+        backup_mod.backup(site.dest, str(site.base / "b.tar.gz"), CopyOptions(), S3Options())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(site.base / "b.tar.gz").st_mode) == 0o600
