@@ -99,6 +99,10 @@ class _Conn:
             self.sock.close()
 
 
+#: Least seconds the answers after the first of an unproven pipelined batch may take.
+PIPELINE_TRIAL_TIMEOUT = 1.0
+
+
 class FastClient:
     """Signed S3 requests for one bucket; thread-safe (one kept-alive connection per thread)."""
 
@@ -131,6 +135,10 @@ class FastClient:
         self.keepalive = True
         #: False once a pipelined batch broke (some servers drop what follows a request).
         self.pipelining = True
+        #: True once a pipelined batch was answered whole. Until then the answers after a
+        #: batch's first get `_trial_timeout`: moto's server answers only the first request
+        #: of a batch and then waits, and 30 tiny GETs took the whole read timeout (60 s).
+        self.pipelining_proven = False
         self._failures = 0
         self._local = threading.local()
         #: Every open connection, whichever thread it belongs to, for `close`.
@@ -265,8 +273,11 @@ class FastClient:
         try:
             if conn is None:
                 conn = self._local.conn = self._connect()
+            sent = time.monotonic()
             conn.sock.sendall(b"".join(self.request_bytes(k, method="GET") for k in keys))
             for _ in keys:
+                if len(out) == 1:
+                    self._trial_timeout(conn, sent)
                 status, headers = self._read_response(conn)
                 body = self._read_body(conn, headers, max_size)
                 if status not in (200, 404):
@@ -274,12 +285,15 @@ class FastClient:
                     out.append(FastPathError(f"GET HTTP {status}"))
                 else:
                     out.append((status, headers, body))
+            self._trial_passed(conn, len(keys))
             if not conn.reusable:
                 self._drop()
         except (OSError, ValueError, FastPathError) as exc:
             self._drop()
             if out or len(keys) > 1:
                 log.debug("pipelined GETs broke after %d answers: %s", len(out), exc)
+            if out and not self.pipelining_proven:
+                self.pipelining = False
             out += [FastPathError(f"GET transport: {exc}")] * (len(keys) - len(out))
         return out
 
@@ -604,8 +618,13 @@ class FastClient:
             try:
                 if conn is None:
                     conn = self._local.conn = self._connect()
+                sent = time.monotonic()
                 conn.sock.sendall(b"".join(self.request_bytes(k) for k in batch))
-                answers = [self._read_response(conn) for _ in batch]
+                answers = [self._read_response(conn)]
+                if len(batch) > 1:
+                    self._trial_timeout(conn, sent)
+                answers += [self._read_response(conn) for _ in batch[1:]]
+                self._trial_passed(conn, len(batch))
                 if not conn.reusable:
                     self._drop()
             except (OSError, ValueError, FastPathError) as exc:
@@ -633,6 +652,18 @@ class FastClient:
             self._failures = 0
             i += len(batch)
         return out
+
+    def _trial_timeout(self, conn: _Conn, sent: float) -> None:
+        """The first answer of a pipelined batch is in: while pipelining is unproven, the
+        rest must follow within 1 s or four times that answer's wait, whichever is longer."""
+        if not self.pipelining_proven:
+            wait = max(PIPELINE_TRIAL_TIMEOUT, 4 * (time.monotonic() - sent))
+            conn.sock.settimeout(min(wait, self.read_timeout))
+
+    def _trial_passed(self, conn: _Conn, answered: int) -> None:
+        if not self.pipelining_proven and answered > 1:
+            self.pipelining_proven = True
+            conn.sock.settimeout(self.read_timeout)
 
     def head(self, key: str) -> tuple[int, dict[str, str]]:
         """(status, lower-cased headers) of HEAD *key*. Blocking: call from a worker thread.

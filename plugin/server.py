@@ -2,7 +2,11 @@
 
 gunicorn settings, each for a reason from Docker's side (../docs/protocol.md §6):
 - one worker process: the registry and its locks are in-process; two workers would split them;
-- gthread with threads: Get and List are answered while a slow Mount runs;
+- our own worker class (plugin.httpworker), not gthread: requests are read whole by an event
+  loop before a thread is committed, and Get, List, Path and Capabilities run on threads of
+  their own, so neither slow or idle clients nor Mounts waiting for stage-in starve them
+  (issue 12); `threads` sizes the pool of the other endpoints, which may wait for minutes;
+- worker_connections: open connections at most (idle ones cost a descriptor, no thread);
 - timeout 150 s: above Docker's 2-minute Create/Mount deadline, so no slow Mount is killed;
 - graceful_timeout 8 s: below Docker's and systemd's 10 s before SIGKILL;
 - umask 0117: the socket is created mode 0660, owned by root;
@@ -21,6 +25,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from plugin.httpworker import PluginWorker
 from plugin.logs import LOG_FORMAT, setup_logging
 from plugin.settings import Settings
 
@@ -28,7 +33,10 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 150
 GRACEFUL_TIMEOUT_S = 8
-THREADS = 8
+#: Concurrent Create/Mount/Unmount/Remove: a Mount waiting for stage-in holds one for up to
+#: 110 s, and a compose project mounts dozens at once. Idle threads cost little.
+THREADS = 128
+MAX_CONNECTIONS = 1000
 
 
 class ServeError(Exception):
@@ -75,14 +83,17 @@ class PluginServer(BaseApplication):  # type: ignore[misc]  # untyped base class
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.driver: Any = None
+        #: Request paths answered from memory, run apart from slow ones by PluginWorker.
+        self.quick_paths: frozenset[str] = frozenset()
         super().__init__()
 
     def load_config(self) -> None:
         options: dict[str, Any] = {
             "bind": [f"unix:{self.settings.socket_path}"],
             "workers": 1,
-            "worker_class": "gthread",
+            "worker_class": PluginWorker,
             "threads": THREADS,
+            "worker_connections": MAX_CONNECTIONS,
             "timeout": REQUEST_TIMEOUT_S,
             "graceful_timeout": GRACEFUL_TIMEOUT_S,
             "keepalive": 75,
@@ -101,12 +112,13 @@ class PluginServer(BaseApplication):  # type: ignore[misc]  # untyped base class
     def load(self) -> Callable[..., Any]:
         """Runs in the worker after fork: build the driver, serve at once, recover behind."""
         # Imported here so the master binds the socket before the slow imports happen.
-        from plugin.api import create_app
+        from plugin.api import create_app, protocol
         from plugin.wiring import build_driver
 
         setup_logging(self.settings.log_level)
         self.driver = build_driver(self.settings)
         threading.Thread(target=self.driver.recover, name="recovery", daemon=True).start()
+        self.quick_paths = protocol.QUICK_ENDPOINTS
         return create_app(self.driver)
 
     def _worker_exit(self, _server: Any, _worker: Any) -> None:

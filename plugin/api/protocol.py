@@ -26,6 +26,9 @@ LIST = "/VolumeDriver.List"
 CAPABILITIES = "/VolumeDriver.Capabilities"
 
 ENDPOINTS = (ACTIVATE, CREATE, REMOVE, MOUNT, UNMOUNT, PATH, GET, LIST, CAPABILITIES)
+#: Answered from the driver's in-memory state, never waiting for a lock a slow operation
+#: holds: the server runs them apart from the others, so they answer at once under any load.
+QUICK_ENDPOINTS = frozenset((ACTIVATE, PATH, GET, LIST, CAPABILITIES))
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -36,6 +39,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # json's decoder recurses per nesting level; dockerd's bodies are two levels deep.
+        raise InvalidRequestError(
+            "request body is nested too deeply (Docker's requests are flat JSON objects)"
+        ) from None
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -60,6 +68,20 @@ def _string(body: dict[str, Any], key: str) -> str:
         raise InvalidRequestError(f"request is missing the {key!r} field")
     if not isinstance(value, str):
         raise InvalidRequestError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return _unicode(value, f"field {key!r}")
+
+
+def _unicode(value: str, what: str) -> str:
+    """JSON's \\uD800-style escapes can produce a lone UTF-16 surrogate, which is not text:
+    it cannot be encoded to UTF-8 (a path, the state database, a log line). Refuse it here,
+    naming it, rather than fail somewhere deeper with an internal error."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{what} contains a lone UTF-16 surrogate ({value[exc.start]!r} at character "
+            f"{exc.start}), which is not valid Unicode; send UTF-8 text"
+        ) from None
     return value
 
 
@@ -87,6 +109,8 @@ class CreateRequest:
         for key, value in opts.items():
             if not isinstance(value, str):
                 raise InvalidRequestError(f"option {key!r} must have a string value")
+            _unicode(key, "an option name")
+            _unicode(value, f"option {key!r}")
         return cls(_string(body, "Name"), opts)
 
 

@@ -11,6 +11,18 @@ it is opened beneath the allowed root that holds it with nothing beneath that ro
 (`Tree.beneath`), and Docker gets a bind made from that descriptor at
 `<root>/mounts/<encoded name>` (or under the managed plugin's mount root). Read-only binds of
 managed volumes are made the same way.
+
+Remove on a full filesystem: the volume directory is renamed into `<root>/trash` (made at start,
+so the rename needs no new block) or, when even that cannot be done, deleted where it is; either
+way nothing on the way to freeing the space needs free space (the state side is in
+plugin/driver/state.py: its reserve file).
+
+Leftovers: Create makes the directory first and the driver records the volume after it (a
+record never names a directory that is not there), so a crash in between leaves a directory with
+no record. Such a directory holds an empty data directory; it is deleted at the next start (the
+driver asks, see `leftover_names`) or by the next Create of the name, never reused. A directory
+with no record whose data directory is *not* empty was not left by a Create (a replaced or lost
+state database?): it is kept, and Create of that name refuses with what to do.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from plugin.backends.staging import OPTION_SPECS as STAGING_OPTION_SPECS
 from plugin.backends.staging import Stager
 from plugin.confined import Tree, UnsafePathError
 from plugin.errors import BackendError, InvalidOptionError, MountError, PluginError
-from plugin.names import encode_name
+from plugin.names import decode_name, encode_name
 from plugin.options import OptionSpec, parse_bool, parse_id, parse_mode
 from plugin.records import VolumeRecord
 
@@ -207,12 +219,17 @@ class LocalBackend(Backend):
             return
         volume_dir = self._volume_dir(record)
         data = volume_dir / "data"
+        # The driver calls create only for a name it has no record of, so a directory there
+        # was not made for this record: never reuse it (it would hand old files to a new volume).
+        if not self.discard_leftover(record.name):
+            raise BackendError(
+                f"cannot create volume {record.name!r}: {data} already holds files of a volume "
+                "stowage has no record of (was its state database replaced or deleted?); move "
+                f"{volume_dir} elsewhere to keep them, or delete it, then create the volume again"
+            )
         try:
-            volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if data.exists():
-                log.warning("reusing existing data directory %s for volume %s", data, record.name)
-            else:
-                data.mkdir(mode=0o755)
+            volume_dir.mkdir(mode=0o700, parents=True)
+            data.mkdir(mode=0o755)
         except OSError as exc:
             raise BackendError(f"cannot create data directory {data}: {exc.strerror}") from exc
         with self._open_managed(record, BackendError) as tree:
@@ -321,19 +338,65 @@ class LocalBackend(Backend):
             return  # the host directory belongs to the user
         self.stager.remove(record, self.data_path(record), self._volume_dir(record))
         self._unbind(record)
-        volume_dir = self._volume_dir(record)
-        if not volume_dir.exists():
-            return
-        # Rename first: the volume is gone from its path atomically; deletion may take long.
-        self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        trashed = self.trash_dir / f"{encode_name(record.name)}.{uuid.uuid4().hex}"
+        self._discard(encode_name(record.name))
+
+    def _discard(self, encoded: str) -> None:
+        """Delete `<root>/volumes/<encoded>` without needing free space (Remove is how a full
+        filesystem gets space back).
+
+        Normally it is renamed into the trash first, so it leaves its path atomically and the
+        deletion, which may take long, happens there. A rename needs no new block when the trash
+        directory exists (it is made at start) and has room for one more entry. Where the trash
+        cannot take it (ENOSPC making the trash or growing it, or any other failure) the tree is
+        deleted in place: deleting only frees space, and the volume's record is already marked
+        removing, so nothing serves the half-deleted tree meanwhile."""
         try:
-            volume_dir.rename(trashed)
-        except OSError as exc:
+            volumes = Tree.at(self.volumes_dir)
+        except FileNotFoundError:
+            return
+        with volumes:
+            try:
+                volumes.lstat(encoded)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot remove data directory {volumes.display(encoded)}: {exc.strerror}"
+                ) from exc
+            trashed = f"{encoded}.{uuid.uuid4().hex}"
+            try:
+                self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with Tree.at(self.trash_dir) as trash:
+                    os.rename(encoded, trashed, src_dir_fd=volumes.fd, dst_dir_fd=trash.fd)
+            except OSError as exc:
+                log.warning(
+                    "cannot move %s into %s (%s): deleting it where it is",
+                    volumes.display(encoded),
+                    self.trash_dir,
+                    exc.strerror,
+                )
+                self._delete_in_place(volumes, encoded)
+                return
+        self._delete_tree(self.trash_dir / trashed)
+
+    def _delete_in_place(self, volumes: Tree, encoded: str) -> None:
+        failures: list[str] = []
+
+        def onerror(_func: object, failed: str, exc_info: object) -> None:
+            failures.append(failed)
+            log.warning("cannot delete %s: %s", failed, exc_info)
+
+        assert shutil.rmtree.avoids_symlink_attacks  # the fd-based walk (Linux)
+        # `onerror` is deprecated from 3.12 on in favour of `onexc`, which 3.11 lacks.
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(encoded, dir_fd=volumes.fd, onexc=onerror)
+        else:
+            shutil.rmtree(encoded, dir_fd=volumes.fd, onerror=onerror)
+        if failures:
             raise BackendError(
-                f"cannot remove data directory {volume_dir}: {exc.strerror}"
-            ) from exc
-        self._delete_tree(trashed)
+                f"cannot delete data directory {volumes.display(encoded)} ({len(failures)} "
+                f"entries left, first {failures[0]}); see the log"
+            )
 
     def _delete_tree(self, path: Path) -> None:
         """Delete the trash entry *path* (a direct child of the trash directory). A link there is
@@ -382,6 +445,63 @@ class LocalBackend(Backend):
             for leftover in self.trash_dir.iterdir():
                 log.info("deleting leftover of an interrupted Remove: %s", leftover)
                 self._delete_tree(leftover)
+        # Made now, while there is room: a Remove on a full filesystem can then still rename.
+        try:
+            self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("cannot make the trash directory %s: %s", self.trash_dir, exc)
+
+    def leftover_names(self) -> list[str]:
+        """Names that have a directory under `<root>/volumes`. At start the driver passes those
+        it has no record of to `discard_leftover`, holding each name's lock."""
+        try:
+            with Tree.at(self.volumes_dir) as volumes:
+                entries = volumes.scandir("")
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry, _st in entries:
+            name = decode_name(entry)
+            if encode_name(name) != entry:
+                log.warning("ignoring %s: not a name stowage encodes", self.volumes_dir / entry)
+                continue
+            names.append(name)
+        return sorted(names)
+
+    def discard_leftover(self, name: str) -> bool:
+        """Delete the directory of *name*, which has no record, if it is what an interrupted
+        Create leaves: a volume directory whose data directory is empty or missing. True if
+        there is no directory now; False if it was kept because its data directory holds files
+        (or is not a plain directory): those are not stowage's to delete (module docstring)."""
+        encoded = encode_name(name)
+        try:
+            with Tree.beneath(self.volumes_dir, encoded) as vdir:
+                try:
+                    with vdir.subtree("data") as data:
+                        empty = not data.scandir("")
+                except FileNotFoundError:
+                    empty = True  # the crash came before the data directory was made
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            log.warning("keeping %s: %s", self.volumes_dir / encoded, exc)
+            return False
+        if not empty:
+            log.warning(
+                "keeping %s: it holds files but stowage has no record of volume %r (was the "
+                "state database replaced?); move it elsewhere or delete it",
+                self.volumes_dir / encoded,
+                name,
+            )
+            return False
+        log.warning(
+            "deleting %s: left by a Create of volume %r that was interrupted before the "
+            "volume was recorded",
+            self.volumes_dir / encoded,
+            name,
+        )
+        self._discard(encoded)
+        return True
 
 
 class _HostDirError(Exception):

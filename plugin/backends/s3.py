@@ -8,6 +8,7 @@ in the daemon's credentials file (plugin.backends.credentials) selected by `-o p
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -58,6 +59,12 @@ def _check_bucket(value: str) -> str:
     return check_bucket_name(value)
 
 
+def _check_dir_markers(value: str) -> str:
+    from plugin import s3client
+
+    return s3client.check_dir_markers(value)
+
+
 class S3Backend(Backend):
     kind: ClassVar[str] = "s3"
     option_specs: ClassVar[Mapping[str, OptionSpec]] = {
@@ -76,9 +83,9 @@ class S3Backend(Backend):
             OptionSpec("readonly", "true: mount read-only", parse_bool),
             OptionSpec(
                 "dir_markers",
-                "false: do not store empty directories as `dir/` objects (for servers that "
-                "cannot, e.g. rclone serve s3)",
-                parse_bool,
+                "store directories as `dir/` objects: auto (default: what the server can "
+                "keep, asked at create; rclone serve s3 cannot), true or false",
+                _check_dir_markers,
             ),
             OptionSpec(
                 "metadata_ttl", "seconds to cache object metadata (default 10)", parse_seconds
@@ -138,15 +145,10 @@ class S3Backend(Backend):
             raise InvalidOptionError("backend=s3 needs -o bucket=NAME")
         self._check_bucket_reachable(options)
 
-    def _check_bucket_reachable(self, options: Mapping[str, str]) -> None:
-        import botocore.exceptions
-
+    def _check_settings(self, options: Mapping[str, str]) -> Any:
         from plugin import s3client
 
-        endpoint = options.get("endpoint") or "the default AWS endpoint"
-        bucket = options["bucket"]
-        where = f"bucket {bucket!r} at {endpoint}"
-        settings = s3client.S3Settings(
+        return s3client.S3Settings(
             endpoint_url=options.get("endpoint"),
             region=options.get("region"),
             profile=options.get("profile"),
@@ -155,8 +157,17 @@ class S3Backend(Backend):
             read_timeout=CHECK_READ_TIMEOUT_S,
             max_attempts=1,
         )
+
+    def _check_bucket_reachable(self, options: Mapping[str, str]) -> None:
+        import botocore.exceptions
+
+        from plugin import s3client
+
+        endpoint = options.get("endpoint") or "the default AWS endpoint"
+        bucket = options["bucket"]
+        where = f"bucket {bucket!r} at {endpoint}"
         try:
-            client = s3client.make_s3_client(settings)
+            client = s3client.make_s3_client(self._check_settings(options))
             client.head_bucket(Bucket=bucket)
         except botocore.exceptions.ProfileNotFound:
             raise InvalidOptionError(
@@ -194,8 +205,49 @@ class S3Backend(Backend):
             self._state_dir(record).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise BackendError(f"cannot create {self._state_dir(record)}: {exc.strerror}") from exc
+        from plugin import s3client
+
+        if s3client.parse_dir_markers(record.options.get("dir_markers", "auto")) is None:
+            self._server_dir_markers(record)
+
+    # -- what the server can do ----------------------------------------------------------------
+
+    def _server_file(self, record: VolumeRecord) -> Path:
+        return self._state_dir(record) / "server.json"
+
+    def _server_dir_markers(self, record: VolumeRecord) -> bool | None:
+        """`dir_markers=auto`: whether the server keeps `dir/` markers, asked once (at Create,
+        else at the first Mount that can ask) and kept in the volume's state directory.
+        None: unknown (the FUSE process asks at its start)."""
+        from plugin import s3client
+
+        opts = record.options
+        if parse_bool(opts.get("readonly", "false")):
+            return None  # no markers are written; the probe would need write access
+        path = self._server_file(record)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            known = json.loads(path.read_text())["dir_markers"]
+            if isinstance(known, bool):
+                return known
+        try:
+            client = s3client.make_s3_client(self._check_settings(opts))
+            supported = s3client.dir_markers_supported(
+                client, opts["bucket"], opts.get("prefix", "")
+            )
+        except Exception as exc:  # never fails Create: the mount asks again
+            log.warning("S3 volume %r: cannot probe the server: %s", record.name, exc)
+            return None
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"dir_markers": supported}) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("S3 volume %r: cannot record the probe in %s: %s", record.name, path, exc)
+        return supported
 
     def _argv(self, record: VolumeRecord) -> list[str]:
+        from plugin import s3client
+
         opts = record.options
         argv = [sys.executable, "-m", "plugin.fusefs", "--bucket", opts["bucket"]]
         argv += ["--prefix", opts.get("prefix", ""), "--cache-dir", str(self._cache_dir(record))]
@@ -211,8 +263,10 @@ class S3Backend(Backend):
                 argv += [flag, opts[option]]
         if "umask" in opts:
             argv += ["--umask", format(parse_mode(opts["umask"]), "o")]
-        if not parse_bool(opts.get("dir_markers", "true")):
-            argv.append("--no-dir-markers")
+        markers = s3client.parse_dir_markers(opts.get("dir_markers", "auto"))
+        if markers is None:
+            markers = self._server_dir_markers(record)
+        argv += ["--dir-markers", "auto" if markers is None else str(markers).lower()]
         if "cache_size" in opts:
             argv += ["--cache-size", str(parse_size(opts["cache_size"]))]
         if parse_bool(opts.get("readonly", "false")):

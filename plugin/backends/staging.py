@@ -73,6 +73,12 @@ def _check_stage_in(value: str) -> str:
     return value
 
 
+def _check_dir_markers(value: str) -> str:
+    from plugin import s3client
+
+    return s3client.check_dir_markers(value)
+
+
 def _check_s3_url(value: str) -> str:
     if not value.lower().startswith("s3://"):
         raise ValueError("expected s3://bucket/prefix")
@@ -139,8 +145,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "dir_markers",
-        "false: stage-out stores no `dir/` objects for empty directories (rclone serve s3)",
-        parse_bool,
+        "`dir/` objects for empty directories at stage-out: auto (default: what the server "
+        "can keep, asked at stage-out; rclone serve s3 cannot), true or false",
+        _check_dir_markers,
     ),
     OptionSpec(
         "preserve_owner",
@@ -168,7 +175,8 @@ class StagingConfig:
     timeout: float = DEFAULT_STAGE_TIMEOUT_S
     bwlimit: int | None = None
     discard: bool = False
-    dir_markers: bool = True
+    #: None: `auto`, asked of the server at stage-out.
+    dir_markers: bool | None = None
     endpoint: str | None = None
     region: str | None = None
     profile: str | None = None
@@ -191,7 +199,9 @@ class StagingConfig:
             timeout=parse_timeout(timeout) if timeout else DEFAULT_STAGE_TIMEOUT_S,
             bwlimit=parse_rate(bwlimit) if bwlimit else None,
             discard=parse_bool(opts.get("discard_unstaged", "false")),
-            dir_markers=parse_bool(opts.get("dir_markers", "true")),
+            dir_markers=None
+            if opts.get("dir_markers", "auto").strip().lower() == "auto"
+            else parse_bool(opts["dir_markers"]),
             endpoint=opts.get("endpoint"),
             region=opts.get("region"),
             profile=opts.get("profile"),
@@ -279,6 +289,19 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+class MountPendingError(MountError):
+    """A Mount that must wait (for stage-in) before it can succeed. Raised instead of waiting,
+    because the caller holds the volume's lock, which Unmount and Remove of the volume need
+    meanwhile: the caller releases its lock, calls `wait(deadline)` (returns once the volume
+    is ready, raises MountError when it failed or `deadline` passed) and mounts again.
+    `deadline` (time.monotonic()) is when this Mount should give up."""
+
+    def __init__(self, message: str, wait: Callable[[float], None], deadline: float) -> None:
+        super().__init__(message)
+        self.wait = wait
+        self.deadline = deadline
+
+
 @dataclass
 class JobState:
     """One direction's progress, as persisted and shown in `docker volume inspect`."""
@@ -311,9 +334,16 @@ class JobState:
         self.rate, self.eta = round(p.rate, 1), None if p.eta is None else round(p.eta, 1)
 
     def finish(self, result: CopyResult) -> None:
-        self.bytes_done = self.bytes_total = result.bytes_total
-        self.files_done = result.files_total - result.files_failed
-        self.files_total = result.files_total
+        """Final numbers from the copy's result. Only a successful copy is all done: after a
+        failure (or a cancelled copy) the files counted are those copied or found unchanged,
+        and the bytes those moved, reused or unchanged, which is what a retry will not redo."""
+        self.bytes_total, self.files_total = result.bytes_total, result.files_total
+        if result.ok:
+            self.bytes_done, self.files_done = result.bytes_total, result.files_total
+        else:
+            moved = result.bytes_copied + result.bytes_resumed + result.bytes_skipped
+            self.bytes_done = min(moved, result.bytes_total)
+            self.files_done = result.files_copied + result.files_skipped
         self.rate = 0.0
         self.eta = 0.0 if result.ok else None
         self.finished_at = _now()
@@ -480,38 +510,49 @@ class Stager:
                 self._start_stage_in(vol)
 
     def mount(self, record: VolumeRecord, data: Path, state_dir: Path) -> bool:
-        """Stage in if due, waiting at most `stage_timeout`; raises MountError otherwise.
+        """Start stage-in if due; while it runs, raise MountPendingError (never wait here: the
+        caller holds the volume's lock) so the caller waits outside its lock and mounts again.
         True if this is an unmounted-to-mounted transition of a volume with stage-in."""
         vol = self._volume(record, data, state_dir)
         if vol is None or vol.mounted:
             return False
-        deadline = time.monotonic() + vol.config.timeout
         if vol.config.stage_in:
             with vol.lock:
                 running = vol.stage_in_running()
                 if not running and self._stage_in_due(vol):
                     self._start_stage_in(vol)
                     running = True
-            if running:
-                vol.in_done.wait(max(0.0, deadline - time.monotonic()))
-            with vol.lock:
-                job = vol.state.stage_in
-                if vol.stage_in_running():
-                    raise MountError(
-                        f"volume {record.name!r} is still staging in from {vol.config.stage_in}: "
-                        f"{job.progress_text()}. Staging continues in the background; run the "
-                        "container again when it is done (`docker volume inspect` shows "
-                        "Status.stage_in)"
-                    )
-                if self._stage_in_due(vol):
-                    raise MountError(
-                        f"stage-in of volume {record.name!r} from {vol.config.stage_in} failed: "
-                        f"{job.last_error or job.state}. The next mount retries it (finished "
-                        "files are kept)"
+                if running:
+                    raise MountPendingError(
+                        f"volume {record.name!r} is staging in from {vol.config.stage_in}",
+                        lambda deadline: self._await_stage_in(vol, deadline),
+                        time.monotonic() + vol.config.timeout,
                     )
         self._ensure_marker(vol)
         vol.mounted = True
         return bool(vol.config.stage_in)
+
+    def _await_stage_in(self, vol: _Volume, deadline: float) -> None:
+        """Wait (holding no lock) for the running stage-in until `deadline`; raise MountError
+        with its progress if it still runs, or with its error if it failed."""
+        vol.in_done.wait(max(0.0, deadline - time.monotonic()))
+        with vol.lock:
+            job = vol.state.stage_in
+            if vol.cancel.is_set():
+                raise MountError(f"volume {vol.name!r} was removed while it was staging in")
+            if vol.stage_in_running():
+                raise MountError(
+                    f"volume {vol.name!r} is still staging in from {vol.config.stage_in}: "
+                    f"{job.progress_text()}. Staging continues in the background; run the "
+                    "container again when it is done (`docker volume inspect` shows "
+                    "Status.stage_in)"
+                )
+            if self._stage_in_due(vol):
+                raise MountError(
+                    f"stage-in of volume {vol.name!r} from {vol.config.stage_in} failed: "
+                    f"{job.last_error or job.state}. The next mount retries it (finished "
+                    "files are kept)"
+                )
 
     def unmount(self, record: VolumeRecord) -> None:
         """The last mount let go: mark a refresh due (always) and schedule stage-out."""
@@ -669,6 +710,7 @@ class Stager:
         with vol.lock:
             job = vol.state.stage_in
             if vol.cancel.is_set():
+                vol.in_done.set()  # a Mount waiting for it fails at once (_await_stage_in)
                 return
             if result is not None:
                 job.finish(result)
@@ -843,12 +885,18 @@ class Stager:
                     vol.persist()
 
         config = vol.config
+        markers = config.dir_markers
+        if markers is None and dst.startswith("s3://"):
+            from plugin import s3client
+
+            bucket, _, prefix = dst[len("s3://") :].partition("/")
+            markers = s3client.resolve_dir_markers(None, self._s3_settings(config), bucket, prefix)
         options = CopyOptions(
             jobs=4,
             preserve_owner=True if config.preserve_owner else None,
             owner=config.owner,
             bwlimit=config.bwlimit,
-            dir_markers=config.dir_markers,
+            dir_markers=markers is not False,
             progress=progress,
             progress_interval=0.5,
             cancel=vol.cancel,

@@ -9,16 +9,18 @@ guarantee rather than an assumption.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
-import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from plugin.backends.base import Backend
+from plugin.backends.local import LocalBackend
+from plugin.backends.staging import MountPendingError
 from plugin.driver.state import StateStore
 from plugin.errors import (
     BackendError,
@@ -33,7 +35,12 @@ from plugin.records import VolumeRecord
 log = logging.getLogger(__name__)
 
 SCOPE = "local"
-_LOCK_STRIPES = 64
+
+
+@dataclass
+class _VolumeLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # holding or waiting; guarded by VolumeDriver._lock
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class VolumeDriver:
         self._store = store
         self._backends = dict(backends)
         self._lock = threading.Lock()
-        self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._volume_locks: dict[str, _VolumeLock] = {}
         loaded = store.load()
         self._volumes: dict[str, VolumeRecord] = loaded.volumes
         self._mounts: dict[str, dict[str, int]] = loaded.mounts
@@ -72,8 +79,24 @@ class VolumeDriver:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _volume_lock(self, name: str) -> threading.Lock:
-        return self._stripes[zlib.crc32(name.encode()) % _LOCK_STRIPES]
+    @contextlib.contextmanager
+    def _volume_lock(self, name: str) -> Iterator[None]:
+        """Hold the lock of volume `name` (its own: never shared with another volume, so one
+        volume's slow Mount delays no other). Entries live only while someone holds or waits
+        for them, so anonymous volumes coming and going leave nothing behind."""
+        with self._lock:
+            entry = self._volume_locks.get(name)
+            if entry is None:
+                entry = self._volume_locks[name] = _VolumeLock()
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if not entry.users:
+                    del self._volume_locks[name]
 
     def _record(self, name: str) -> VolumeRecord:
         with self._lock:
@@ -106,7 +129,13 @@ class VolumeDriver:
         with self._volume_lock(name):
             existing = self._volumes.get(name)
             if existing is not None and existing.removing:
-                self._finish_remove(existing)
+                try:
+                    self._finish_remove(existing)
+                except PluginError as exc:
+                    raise BackendError(
+                        f"cannot create volume {name!r} yet: an earlier Remove of it did not "
+                        f"finish, and finishing it now failed: {exc}"
+                    ) from exc
                 existing = None
             if existing is not None:
                 # Docker re-sends Create (e.g. after a plugin restart): same options is a no-op.
@@ -133,18 +162,29 @@ class VolumeDriver:
     def remove(self, name: object) -> None:
         name = validate_name(name)
         with self._volume_lock(name):
-            record = self._record(name)
-            if self._active_count(name):
-                # Docker refuses `volume rm` while a container uses the volume, so counts that
-                # reach us here are stale (a crash, a lost Unmount): proceed, don't block forever.
-                log.warning(
-                    "remove %s: dropping stale mount IDs %s",
-                    name,
-                    sorted(self._mounts.get(name, {})),
-                )
-            self._store.mark_removing(name)
             with self._lock:
-                self._volumes[name] = dataclasses.replace(record, removing=True)
+                record = self._volumes.get(name)
+            if record is None:
+                raise VolumeNotFoundError(name)
+            if record.removing:
+                # An earlier Remove stopped half-way (an error after the intent was recorded):
+                # Get and List no longer show the volume, but Remove of it finishes the job.
+                log.info("remove %s: finishing an earlier Remove that did not complete", name)
+            else:
+                if self._active_count(name):
+                    # Docker refuses `volume rm` while a container uses the volume, so counts
+                    # that reach us are stale (a crash, a lost Unmount): proceed, don't block.
+                    log.warning(
+                        "remove %s: dropping stale mount IDs %s",
+                        name,
+                        sorted(self._mounts.get(name, {})),
+                    )
+                # On a full filesystem this write spends the state's reserve file (state.py),
+                # and the backend then frees the volume's space without needing any.
+                self._store.mark_removing(name)
+                with self._lock:
+                    self._volumes[name] = dataclasses.replace(record, removing=True)
+                    self._generation += 1  # List's cached answer must drop it now
             self._finish_remove(record)
         log.info("removed volume %s", name)
 
@@ -152,14 +192,23 @@ class VolumeDriver:
         """Second half of Remove, also run at start for a Remove a crash interrupted.
 
         A backend may refuse (e.g. S3 data not yet uploaded): then the volume is restored,
-        visible and usable, rather than left half-removed.
+        visible and usable, rather than left half-removed. Any other failure (the restore
+        itself, dropping the record, an unexpected error) leaves it marked removing, hidden
+        from Get and List; a later Remove, a Create of the name or the next start finishes it.
         """
         try:
             self._backend(record).remove(record)
-        except PluginError:
-            self._store.mark_removing(record.name, removing=False)
+        except PluginError as exc:
+            try:
+                self._store.mark_removing(record.name, removing=False)
+            except PluginError as restore_exc:
+                log.warning(
+                    "remove %s failed (%s) and stays pending: %s", record.name, exc, restore_exc
+                )
+                raise exc from None
             with self._lock:
                 self._volumes[record.name] = dataclasses.replace(record, removing=False)
+                self._generation += 1
             raise
         self._store.delete_volume(record.name)
         with self._lock:
@@ -170,6 +219,17 @@ class VolumeDriver:
 
     def mount(self, name: object, mount_id: str) -> str:
         name = validate_name(name)
+        deadline: float | None = None
+        while True:
+            try:
+                return self._mount_once(name, mount_id)
+            except MountPendingError as pending:
+                # Stage-in may take minutes: wait for it outside the volume's lock, which
+                # Unmount and Remove of the volume need meanwhile, then mount again.
+                deadline = pending.deadline if deadline is None else deadline
+                pending.wait(deadline)
+
+    def _mount_once(self, name: str, mount_id: str) -> str:
         with self._volume_lock(name):
             record = self._record(name)
             backend = self._backend(record)
@@ -278,6 +338,7 @@ class VolumeDriver:
                 backend.housekeeping()
             except Exception:
                 log.exception("housekeeping of backend %s failed", backend.kind)
+        self._discard_leftovers()
         with self._lock:
             records = list(self._volumes.values())
         for record in records:
@@ -294,6 +355,29 @@ class VolumeDriver:
                 except Exception:
                     log.exception("recovery of volume %s failed", record.name)
         log.info("recovery finished for %s volumes", len(records))
+
+    def _discard_leftovers(self) -> None:
+        """Local data directories with no record: a Create writes the record after making the
+        directory, so a crash in between leaves one. The backend deletes those it can tell are
+        such leftovers; each name's lock is held, so a Create running meanwhile is never hit."""
+        for backend in self._backends.values():
+            if not isinstance(backend, LocalBackend):
+                continue
+            try:
+                names = backend.leftover_names()
+            except Exception:
+                log.exception("listing the data directories of backend %s failed", backend.kind)
+                continue
+            for name in names:
+                with self._volume_lock(name):
+                    with self._lock:
+                        record = self._volumes.get(name)
+                    if record is not None and record.backend == backend.kind:
+                        continue
+                    try:
+                        backend.discard_leftover(name)
+                    except Exception:
+                        log.exception("deleting the leftover data directory of %s failed", name)
 
     def close(self) -> None:
         self._store.close()

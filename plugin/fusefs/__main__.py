@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import faulthandler
 import functools
 import logging
@@ -118,10 +119,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "128 KiB ones (0: leave the kernel's default)",
     )
     p.add_argument(
+        "--dir-markers",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="store directories as 'dir/' marker objects; auto (default): ask the server at "
+        "start whether it keeps them (rclone serve s3 on a directory turns them into files)",
+    )
+    p.add_argument(
         "--no-dir-markers",
-        action="store_true",
-        help="do not create 'dir/' marker objects (for servers that map keys to "
-        "files, such as rclone serve s3 on a directory)",
+        dest="dir_markers",
+        action="store_const",
+        const="false",
+        help="the same as --dir-markers false",
     )
     p.add_argument("--no-writeback-cache", action="store_true")
     p.add_argument(
@@ -146,6 +155,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", choices=LEVELS, default="info")
     p.add_argument("--debug-fuse", action="store_true", help="libfuse request tracing")
     return p.parse_args(argv)
+
+
+#: Control characters a log message shows escaped: a key may hold a newline, and one
+#: record must stay one line (a split name reads as two garbled records).
+_ESCAPES = {c: f"\\x{c:02x}" for c in range(32) if c != 9} | {10: "\\n", 13: "\\r"}
+
+
+class OneLineFilter(logging.Filter):
+    """Escapes control characters in every message (tracebacks are added after, intact)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = message.translate(_ESCAPES)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        return True
 
 
 def _syncfs(path: str) -> None:
@@ -206,8 +231,9 @@ async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
             return
 
 
-def _build_client(args: argparse.Namespace) -> Any:
-    """Import boto3, build the client and prove that it works. Blocking: a worker thread."""
+def _build_client(args: argparse.Namespace) -> tuple[Any, bool]:
+    """Import boto3, build the client and prove that it works; with `--dir-markers auto`,
+    ask the server whether it keeps `dir/` markers. Blocking: a worker thread."""
     from plugin import s3client
 
     settings = s3client.S3Settings(
@@ -224,11 +250,29 @@ def _build_client(args: argparse.Namespace) -> Any:
     # Bad credentials or bucket fail here with S3's own message (and exit status 2), not as
     # EIO on the first ls.
     client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
-    return client
+    return client, _dir_markers(args, client)
+
+
+def _dir_markers(args: argparse.Namespace, client: Any) -> bool:
+    """The `--dir-markers` answer: as given, or (auto) what the server does. A read-only
+    mount writes no markers, so it asks nothing; a probe that cannot tell (writes denied)
+    keeps the S3 default."""
+    from plugin import s3client
+
+    if args.dir_markers != "auto":
+        return bool(args.dir_markers == "true")
+    if args.readonly:
+        return True
+    try:
+        return s3client.dir_markers_supported(client, args.bucket, args.prefix)
+    except s3client.ProbeError as exc:
+        log.warning("cannot tell whether the server keeps 'dir/' markers (%s); using them", exc)
+        return True
 
 
 async def _connect(
     args: argparse.Namespace,
+    fs: S3Filesystem,
     store: ObjectStore,
     lazy: LazyClient,
     failed: list[str],
@@ -236,7 +280,7 @@ async def _connect(
 ) -> None:
     """Build the S3 client and check the bucket; sets *done* either way, *failed* on error."""
     try:
-        client = await trio.to_thread.run_sync(_build_client, args)
+        client, dir_markers = await trio.to_thread.run_sync(_build_client, args)
     except Exception as exc:
         log.error("cannot access s3://%s at %s: %s", args.bucket, args.endpoint, exc)
         failed.append(str(exc))
@@ -251,7 +295,10 @@ async def _connect(
             read_timeout=args.read_timeout,
         )
     lazy.set(client)
-    log.debug("S3 client ready")
+    if dir_markers != fs.config.dir_markers:
+        # Before ready: no FUSE request has been served yet.
+        fs.config = dataclasses.replace(fs.config, dir_markers=dir_markers)
+    log.debug("S3 client ready (dir markers: %s)", dir_markers)
     done.set()
 
 
@@ -305,6 +352,8 @@ def _drop_temp_cache(cache: DataCache) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OneLineFilter())
     # botocore's debug output (signatures, headers) drowns ours and costs CPU per request.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
@@ -349,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             defaults=Defaults(uid=args.uid, gid=args.gid, umask=args.umask),
             metadata_ttl=args.metadata_ttl,
             readonly=args.readonly,
-            dir_markers=not args.no_dir_markers,
+            dir_markers=args.dir_markers != "false",
             retry_interval=args.retry_interval,
         ),
     )
@@ -383,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             fs,
             mountpoint,
             args.ready_fd,
-            functools.partial(_connect, args, store, lazy),
+            functools.partial(_connect, args, fs, store, lazy),
         )
     except BaseException:
         log.exception("filesystem loop failed")

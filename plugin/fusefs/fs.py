@@ -665,7 +665,12 @@ class S3Filesystem:
             mode=stat.S_IFREG | (mode & 0o7777), uid=uid, gid=gid, size=0, mtime_ns=time.time_ns()
         )
         node = self.inodes.add_local(path, attrs)
-        entry = self._ensure_cache(node)
+        try:
+            entry = self._ensure_cache(node)
+        except BaseException:
+            # No data file, no handle: leave no phantom entry behind in listings.
+            self.inodes.remove_path(path)
+            raise
         # Dirty from birth, so an empty file is uploaded on close too.
         entry.dirty = True
         self.inodes.ref(node)
@@ -757,7 +762,8 @@ class S3Filesystem:
         return [n for n in self._cached if n.cache is not None and n.cache.dirty and not n.deleted]
 
     async def flush_all(self) -> int:
-        """Upload every dirty file (shutdown). Returns how many could not be uploaded."""
+        """Upload every dirty file and every upload journaled by a previous run (shutdown).
+        Returns how many could not be uploaded."""
         failed = 0
         for node in self.dirty_nodes():
             try:
@@ -765,11 +771,23 @@ class S3Filesystem:
             except FsError as exc:
                 failed += 1
                 log.error("could not upload %s before exit: %s", node.path, exc)
-        return failed
+        return failed + await self._retry_journals()
+
+    async def _retry_journals(self) -> int:
+        """Upload what a previous run journaled; returns how many are still pending. An
+        upload is dropped from the list the moment it is done, so a cancelled pass (shutdown)
+        leaves only what is really pending for `flush_all`."""
+        for info in list(self.pending_journals):
+            if await self.cache.upload_journaled(info):
+                self.pending_journals.remove(info)
+        return len(self.pending_journals)
 
     async def retry_failed_uploads(self) -> None:
-        """Background task: retry uploads that failed after their file was closed, and
-        uploads journaled by a previous run."""
+        """Background task: uploads journaled by a previous run at once (a container that
+        lives less than `retry_interval` must not leave them behind again), then, every
+        `retry_interval`, uploads that failed after their file was closed and those journals."""
+        if self.pending_journals:
+            await self._retry_journals()
         while True:
             await trio.sleep(self.config.retry_interval)
             for node in self.dirty_nodes():
@@ -779,8 +797,4 @@ class S3Filesystem:
                     except FsError as exc:
                         log.warning("retry of %s failed: %s", node.path, exc)
             if self.pending_journals:
-                still = []
-                for info in self.pending_journals:
-                    if not await self.cache.upload_journaled(info):
-                        still.append(info)
-                self.pending_journals = still
+                await self._retry_journals()

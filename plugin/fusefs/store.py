@@ -8,13 +8,14 @@ translated here into `NotFoundError` / `RemoteError`; nothing above this module 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import http.client
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +42,20 @@ DIR_CONTENT_TYPE = "application/x-directory"
 META_PREFIX = "x-amz-meta-"
 #: Connections (threads) a listing's pipelined HEADs are spread over.
 HEAD_STREAMS = 4
+
+
+@contextlib.contextmanager
+def _put_not_found(key: str) -> Iterator[None]:
+    """A PUT answered 404 is no missing object: the bucket is gone, or the server cannot
+    store the name (moto's server routes no key with a newline). An upload failure, kept and
+    retried like the others, never ENOENT for a file the user just wrote."""
+    try:
+        yield
+    except NotFoundError as exc:
+        raise RemoteError(
+            f"put {key!r}: the server answered 404 Not Found (the bucket is gone, or the server "
+            "cannot store this name)"
+        ) from exc
 
 
 @dataclass
@@ -358,7 +373,8 @@ class ObjectStore:
         }
         if content_type:
             kwargs["ContentType"] = content_type
-        r = await self._run(f"put {key}", self.client.put_object, **kwargs)
+        with _put_not_found(key):
+            r = await self._run(f"put {key}", self.client.put_object, **kwargs)
         return _etag(r.get("ETag"))
 
     async def fetch_into(
@@ -509,20 +525,21 @@ class ObjectStore:
         config: UploadConfig,
     ) -> str | None:
         """Upload `size` bytes of *fd*: one PUT below the threshold, multipart above."""
-        if size < config.multipart_threshold:
+        with _put_not_found(key):
+            if size < config.multipart_threshold:
+                return await self._run(
+                    f"put {key}", self._put_fd_sync, key, fd, size, metadata, content_type
+                )
             return await self._run(
-                f"put {key}", self._put_fd_sync, key, fd, size, metadata, content_type
+                f"multipart upload {key}",
+                self._multipart_sync,
+                key,
+                fd,
+                size,
+                metadata,
+                content_type,
+                config,
             )
-        return await self._run(
-            f"multipart upload {key}",
-            self._multipart_sync,
-            key,
-            fd,
-            size,
-            metadata,
-            content_type,
-            config,
-        )
 
     def _put_fd_sync(
         self, key: str, fd: int, size: int, metadata: dict[str, str], content_type: str | None

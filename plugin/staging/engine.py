@@ -995,8 +995,8 @@ class _Copier:
                 self._start_chunked(t, src_fd=src_fd)
                 src_fd = -1  # owned by the chunked copy now
                 return
-            part, _ = temp_paths(t.dst)
-            dst_fd = self.dt.create_file(part)
+            part, journal = temp_paths(t.dst)
+            dst_fd = self._new_part(part, journal)
             try:
                 copied = [0]
 
@@ -1011,6 +1011,9 @@ class _Copier:
                 if copied[0] != e.size:
                     raise VerificationError(f"copied {copied[0]} bytes of {e.size}; not renamed")
                 self._apply_meta(dst_fd, e.mode, e.atime_ns, e.mtime_ns, e.uid, e.gid)
+            except BaseException:
+                self._drop_part(part)
+                raise
             finally:
                 os.close(dst_fd)
             self._rename(part, t.dst)
@@ -1068,18 +1071,37 @@ class _Copier:
             )
             self._file_copied(t)
             return
-        part, _ = temp_paths(t.dst)
-        fd = self.dt.create_file(part)
+        part, journal = temp_paths(t.dst)
+        fd = self._new_part(part, journal)
         try:
             view = memoryview(buf)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
             self._apply_meta(fd, mode, 0, mtime_ns, uid, gid, from_s3=True)
+        except BaseException:
+            self._drop_part(part)
+            raise
         finally:
             os.close(fd)
         self._rename(part, t.dst)
         self._file_copied(t)
+
+    def _new_part(self, part: str, journal: str) -> int:
+        """The part file of a file copied whole. One already there is a chunked copy's that
+        an earlier run left (interrupted, or with a smaller chunk size): its journal goes with
+        it, or nothing would ever remove it."""
+        try:
+            return self.dt.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            self.dt.unlink(journal, missing_ok=True)
+            return self.dt.create_file(part)
+
+    def _drop_part(self, part: str) -> None:
+        """A failed whole-file copy keeps nothing: no resume for it, and on a full disk its
+        bytes are what the next attempt needs."""
+        with contextlib.suppress(OSError):
+            self.dt.unlink(part, missing_ok=True)
 
     def _meta_from_object(self, info: ObjectInfo, t: _Target) -> tuple[int, int, int, int]:
         """(mode, mtime_ns, uid, gid) from s3fs-style metadata, which whoever wrote the

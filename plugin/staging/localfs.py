@@ -176,6 +176,10 @@ def _copy_segment(src_fd: int, dst_fd: int, offset: int, length: int, step: Step
 def _copy_fallback(src_fd: int, dst_fd: int, pos: int, want: int) -> int:
     """pread/pwrite with a 256 KiB buffer (measured far faster than 1 MiB buffers)."""
     data = os.pread(src_fd, min(want, 256 * 1024), pos)
-    if data:
-        os.pwrite(dst_fd, data, pos)
+    view = memoryview(data)
+    while view:
+        # A short write is how a filling disk first shows (the next call raises ENOSPC);
+        # counting the bytes read instead left a torn file under its final name.
+        n = os.pwrite(dst_fd, view, pos + len(data) - len(view))
+        view = view[n:]
     return len(data)

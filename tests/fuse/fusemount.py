@@ -98,6 +98,7 @@ def start_mount(
     extra: list[str] | None = None,
     cache_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    server_default_markers: bool = False,
 ) -> Mount:
     mountpoint.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def start_mount(
     ]
     if prefix:
         args += ["--prefix", prefix]
-    if not server.supports_dir_markers:
+    if not server.supports_dir_markers and not server_default_markers:
         args.append("--no-dir-markers")
     args += [*(extra or []), str(mountpoint)]
     with log_path.open("ab") as log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -230,3 +231,55 @@ def test_kill9_tree_copy_then_rerun_ends_identical(tmp_path: Path) -> None:
     assert result.bytes_resumed > 0
     assert snapshot(dst) == snapshot(src)
     assert leftovers(dst) == []
+
+
+def test_short_writes_are_completed_not_counted_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filling disk first shows as a short pwrite; counting the bytes read instead left a
+    torn file under its final name (found by the chaos tier on a full ext4)."""
+    from plugin.staging import localfs
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(localfs, "_no_copy_file_range", True)  # the pread/pwrite path
+    monkeypatch.setattr(
+        localfs.os, "pwrite", lambda fd, data, pos: real_pwrite(fd, bytes(data)[:1000], pos)
+    )
+    result = copy(f"{src}/", f"{dst}/", CopyOptions())
+    assert result.ok, result.errors
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_a_failed_whole_file_copy_leaves_no_part_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugin.staging import localfs
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+
+    def full(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(localfs, "copy_range", full)
+    result = copy(f"{src}/", f"{dst}/", CopyOptions())
+    assert not result.ok
+    assert os.listdir(dst) == [], "a failed copy's part file takes the space a retry needs"
+
+
+def test_a_whole_file_copy_removes_an_earlier_chunked_runs_journal(tmp_path: Path) -> None:
+    """An interrupted chunked copy leaves .part and .journal; a rerun that copies the file
+    whole (a larger chunk size) removed the part but left the journal forever."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    (dst / ".stowage.f.part").write_bytes(b"\0" * 300_000)
+    (dst / ".stowage.f.journal").write_text('{"v": 1}\n0\n')
+    result = copy(f"{src}/", f"{dst}/", CopyOptions(chunk_size=1 << 20))
+    assert result.ok, result.errors
+    assert sorted(os.listdir(dst)) == ["f"]
