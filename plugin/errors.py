@@ -2,6 +2,8 @@
 what went wrong and what to do about it. Translation to `{"Err": ...}` happens only in plugin.api.
 """
 
+from collections.abc import Callable
+
 
 class PluginError(Exception):
     """Base class: a failure whose message is safe and useful to show to the user."""
@@ -39,3 +41,16 @@ class BackendError(PluginError):
 
 class StateError(PluginError):
     """The durable state store cannot be read or written."""
+
+
+class MountPendingError(MountError):
+    """A Mount that must wait (for stage-in) before it can succeed. Raised instead of waiting,
+    because the caller holds the volume's lock, which Unmount and Remove of the volume need
+    meanwhile: the caller releases its lock, calls `wait(deadline)` (returns once the volume
+    is ready, raises MountError when it failed or `deadline` passed) and mounts again.
+    `deadline` (time.monotonic()) is when this Mount should give up."""
+
+    def __init__(self, message: str, wait: Callable[[float], None], deadline: float) -> None:
+        super().__init__(message)
+        self.wait = wait
+        self.deadline = deadline

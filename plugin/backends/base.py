@@ -66,3 +66,12 @@ class Backend(ABC):
 
     def housekeeping(self) -> None:
         """After a daemon restart, once: backend-wide cleanup such as emptying trash."""
+
+    def leftover_names(self) -> list[str]:
+        """Names whose data a Create interrupted before its record was written (the driver
+        then calls `discard_leftover` for each it has no record of, under the name's lock)."""
+        return []
+
+    def discard_leftover(self, name: str) -> bool:
+        """Delete such a leftover if it is one (empty); True if it was deleted."""
+        return False

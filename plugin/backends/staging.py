@@ -25,7 +25,7 @@ from typing import Any
 
 from plugin.backends.credentials import CredentialsFile
 from plugin.confined import Tree
-from plugin.errors import BackendError, InvalidOptionError, MountError
+from plugin.errors import BackendError, InvalidOptionError, MountError, MountPendingError
 from plugin.options import (
     OptionSpec,
     check_bucket_name,
@@ -287,19 +287,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-class MountPendingError(MountError):
-    """A Mount that must wait (for stage-in) before it can succeed. Raised instead of waiting,
-    because the caller holds the volume's lock, which Unmount and Remove of the volume need
-    meanwhile: the caller releases its lock, calls `wait(deadline)` (returns once the volume
-    is ready, raises MountError when it failed or `deadline` passed) and mounts again.
-    `deadline` (time.monotonic()) is when this Mount should give up."""
-
-    def __init__(self, message: str, wait: Callable[[float], None], deadline: float) -> None:
-        super().__init__(message)
-        self.wait = wait
-        self.deadline = deadline
 
 
 @dataclass

@@ -19,11 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugin.backends.base import Backend
-from plugin.backends.local import LocalBackend
-from plugin.backends.staging import MountPendingError
 from plugin.driver.state import StateStore
 from plugin.errors import (
     BackendError,
+    MountPendingError,
     PluginError,
     VolumeConflictError,
     VolumeNotFoundError,
@@ -361,8 +360,6 @@ class VolumeDriver:
         directory, so a crash in between leaves one. The backend deletes those it can tell are
         such leftovers; each name's lock is held, so a Create running meanwhile is never hit."""
         for backend in self._backends.values():
-            if not isinstance(backend, LocalBackend):
-                continue
             try:
                 names = backend.leftover_names()
             except Exception:
