@@ -1,6 +1,6 @@
 """`stowage serve`: the Flask app under gunicorn on the plugin's unix socket.
 
-gunicorn settings, each for a reason from Docker's side (../docs/protocol.md §6):
+gunicorn settings, each for a reason from Docker's side (docs/protocol.md §6):
 - one worker process: the registry and its locks are in-process; two workers would split them;
 - our own worker class (plugin.httpworker), not gthread: requests are read whole by an event
   loop before a thread is committed, and Get, List, Path and Capabilities run on threads of
