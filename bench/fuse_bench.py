@@ -47,7 +47,13 @@ from harness.s3servers import (  # noqa: E402
     free_port,
     stop_child,
 )
-from report import machine_basics, replace_section, repo_commit  # noqa: E402
+from report import (  # noqa: E402
+    _markers,
+    machine_basics,
+    render_section,
+    replace_section,
+    repo_commit,
+)
 
 log = logging.getLogger("fuse_bench")
 
@@ -62,7 +68,11 @@ TARGET_READ_VS_RCLONE = 1.0
 TARGET_READ_VS_S5CMD = 0.9
 TARGET_WRITE_VS_RCLONE = 1.0
 TARGET_LS_VS_S3FS = 1.0
-TARGET_MOUNT_P50_MS = 500.0
+# Mount latency (issue 14): through the daemon, as `docker run` pays it.
+TARGET_MOUNT_P50_MS = 60.0
+TARGET_MOUNT_P99_MS = 150.0
+#: The mount-latency part of section `fuse`, also written on its own by `--workloads mount`.
+MOUNT_SECTION = "fuse-mount"
 
 
 class BudgetExceededError(RuntimeError):
@@ -329,6 +339,8 @@ class Results:
     samples: list[Sample] = field(default_factory=list)
     mount_latency: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     daemon_mount_ms: list[float] = field(default_factory=list)
+    #: FuseProcess.start through the daemon's launcher (fork server), until ready.
+    launcher_mount_ms: list[float] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -445,6 +457,8 @@ class Bench:
     def prepare(self) -> None:
         """Bucket data shared by every tool: the big object and the `ls` tree."""
         self.s3.create_bucket(Bucket=BUCKET)
+        if not set(self.args.workloads.split(",")) - {"mount", ""}:
+            return  # mount latency only: an empty bucket will do
         src = self.scratch / "src-big.bin"
         write_file(src, self.chunk, self.size)
         t = self.s5("cp", str(src), f"s3://{BUCKET}/{BIG_KEY}")
@@ -590,6 +604,51 @@ class Bench:
                 len(rows),
             )
 
+    def launcher_mounts(self) -> None:
+        """The daemon's own start of a FUSE process (plugin.backends.fuseproc.FuseProcess),
+        which forks it from the launcher: until the mount is ready and in the mount table.
+        The launcher is started first and not timed (the daemon starts it at boot)."""
+        from plugin.backends import fuseproc
+
+        env = dict(self.env)
+        for i in range(self.args.mounts + 1):  # the first one waits for the launcher: untimed
+            self.budget.check(self.args.min_step_s)
+            mnt = self.scratch / "mnt" / f"stowage-launcher-{i}"
+            proc = fuseproc.FuseProcess(self.scratch / "launcher-state" / str(i), mnt)
+            argv = [
+                *fuseproc.FUSEFS_COMMAND,
+                "--endpoint",
+                self.server.endpoint,
+                "--bucket",
+                BUCKET,
+                "--no-dir-markers",
+                "--cache-dir",
+                str(self.scratch / "launcher-state" / str(i) / "cache"),
+            ]
+            try:
+                t0 = time.perf_counter()
+                proc.start(argv, env, timeout=30)
+                while not is_mount(mnt):
+                    time.sleep(0.001)
+                took = (time.perf_counter() - t0) * 1000
+                forked = fuseproc.launcher.pid is not None
+                if i and forked:
+                    self.res.launcher_mount_ms.append(took)
+                elif i:
+                    self.res.errors.append("launcher mount: the launcher was not used")
+            except Exception as exc:
+                self.res.errors.append(f"launcher mount: {str(exc)[:300]}")
+            finally:
+                proc.stop(timeout=60)
+                with contextlib.suppress(OSError):
+                    shutil.copy(proc.log_file, self.logs / f"stowage-launcher-{i}.log")
+        fuseproc.launcher.stop()
+        log.info(
+            "launcher mount p50 %.0f ms over %d",
+            pct(self.res.launcher_mount_ms, 50) or 0,
+            len(self.res.launcher_mount_ms),
+        )
+
     def daemon_mounts(self) -> None:
         """Mount latency as Docker sees it: Mount on `stowage serve` until it answers."""
         root = self.scratch / "daemon-root"
@@ -718,6 +777,7 @@ class Bench:
             self.prepare()
             if "mount" in wanted:
                 self.mount_latency()
+                self.launcher_mounts()
                 self.daemon_mounts()
             for name in (w for w in wanted if w in workloads):
                 for rep in range(a.reps):
@@ -788,7 +848,61 @@ def machine_facts(start_load: str) -> dict[str, str]:
     }
 
 
-def render(res: Results, args: argparse.Namespace, facts: dict[str, str], elapsed: float) -> str:
+def render_mount(res: Results, args: argparse.Namespace) -> str:
+    """The mount-latency part of section `fuse` (section `fuse-mount` inside it)."""
+    out: list[str] = ["### Mount latency\n"]
+    w = out.append
+    d, lm = res.daemon_mount_ms, res.launcher_mount_ms
+    w("| target (issue 14) | measured | goal | met? |\n|---|---|---|---|")
+    for label, value, goal in (
+        ("Mount p50 through the daemon (Mount call)", pct(d, 50), TARGET_MOUNT_P50_MS),
+        ("Mount p99 through the daemon (Mount call)", pct(d, 99), TARGET_MOUNT_P99_MS),
+    ):
+        met = "n/a" if value is None else ("yes" if value <= goal else "**no**")
+        w(f"| {label} ({len(d)} mounts) | {fmt(value, 1)} ms | ≤ {goal:.0f} ms | {met} |")
+    w("")
+    w(
+        "Time until the mountpoint is live, in ms, each mount a fresh FUSE process. "
+        "*spawn*: `python -m plugin.fusefs` started from scratch (a new interpreter; `ready` "
+        "= its `--ready-fd` message); *launcher*: the daemon's code path "
+        "(`FuseProcess.start`), which forks the process from the launcher, a process that "
+        "has done the imports; *daemon Mount*: the Docker Mount call on `stowage serve` "
+        "(Create once with backend=s3, dir_markers=false; Mount/Unmount repeated), as "
+        "`docker run` pays it. rclone and s3fs: their own binaries, started from scratch. "
+        "p99 is nearest-rank (with fewer than 100 mounts: the largest but none).\n"
+    )
+    w("| tool | mounts | p50 | p90 | p99 | max | ready p50 |\n|---|---|---|---|---|---|---|")
+
+    def row(label: str, ms: list[float], ready: list[float] | None = None) -> None:
+        cells = [fmt(pct(ms, q), 1) for q in (50, 90, 99)]
+        cells += [fmt(max(ms, default=None), 1), fmt(pct(ready or [], 50), 1) if ready else ""]
+        w(f"| {label} | {len(ms)} | {' | '.join(cells)} |")
+
+    for t in MOUNTERS:
+        rows = res.mount_latency.get(t, [])
+        ms = [r["mounted_ms"] for r in rows]
+        ready = [r["ready_ms"] for r in rows if "ready_ms" in r]
+        row(f"{t} (spawn)" if t == "stowage" else t, ms, ready)
+    row("stowage (launcher)", lm)
+    row("stowage via daemon Mount", d)
+    if len(d) > 1:
+        w(
+            f"\nThe daemon's first Mount ({fmt(d[0], 1)} ms) comes right after the first Create "
+            "of a fresh daemon, whose launcher (started by that Create) may still be importing; "
+            f"the other {len(d) - 1}: p50 {fmt(pct(d[1:], 50), 1)}, p99 "
+            f"{fmt(pct(d[1:], 99), 1)}, max {fmt(max(d[1:]), 1)} ms. A daemon that starts with "
+            "S3 volumes starts its launcher at once."
+        )
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render(
+    res: Results,
+    args: argparse.Namespace,
+    facts: dict[str, str],
+    elapsed: float,
+    command: str = "",
+) -> str:
     """Section `fuse` of docs/benchmarks.md: targets first, then the detail, then the method."""
     size_mib = args.size_mib
     out: list[str] = ["## FUSE benchmark: stowage vs `rclone mount`, s3fs and `s5cmd cp`\n"]
@@ -850,16 +964,6 @@ def render(res: Results, args: argparse.Namespace, facts: dict[str, str], elapse
         TARGET_LS_VS_S3FS,
         "obj/s",
     )
-    mount_rows = res.mount_latency.get("stowage", [])
-    p50 = pct([r["mounted_ms"] for r in mount_rows], 50)
-    dp50 = pct(res.daemon_mount_ms, 50)
-    for label, p50_ms, n in (
-        ("Mount p50, spawn → mounted", p50, len(mount_rows)),
-        ("Mount p50 through the daemon (Mount call)", dp50, len(res.daemon_mount_ms)),
-    ):
-        met = "n/a" if p50_ms is None else ("yes" if p50_ms <= TARGET_MOUNT_P50_MS else "**no**")
-        goal = f"≤ {TARGET_MOUNT_P50_MS:.0f} ms"
-        targets.append(f"| {label} ({n} mounts) | {fmt(p50_ms, 0)} ms | | {goal} | {met} |")
     w("### Targets (stowage)\n")
     w("| target | stowage vs peer | ratio | goal | met? |\n|---|---|---|---|---|")
     out.extend(targets)
@@ -909,23 +1013,7 @@ def render(res: Results, args: argparse.Namespace, facts: dict[str, str], elapse
         w(f"| {label} | {' | '.join(cells)} |")
     w("")
 
-    w("### Mount latency\n")
-    w(
-        "Spawn of the FUSE process until the mountpoint is live (`ready` = stowage's "
-        "`--ready-fd` message), fresh process each time; *daemon* is the Docker Mount call "
-        "on `stowage serve` (Create once with backend=s3, dir_markers=false; Mount/Unmount "
-        "repeated).\n"
-    )
-    w("| tool | mounts | p50 (ms) | max (ms) | ready p50 (ms) |\n|---|---|---|---|---|")
-    for t in MOUNTERS:
-        rows = res.mount_latency.get(t, [])
-        ms = [r["mounted_ms"] for r in rows]
-        ready = [r["ready_ms"] for r in rows if "ready_ms" in r]
-        cells = [fmt(pct(ms, 50), 0), fmt(max(ms, default=None), 0), fmt(pct(ready, 50), 0)]
-        w(f"| {t} | {len(ms)} | {' | '.join(cells)} |")
-    d = res.daemon_mount_ms
-    cells = [fmt(pct(d, 50), 0), fmt(max(d, default=None), 0), ""]
-    w(f"| stowage via daemon Mount | {len(d)} | {' | '.join(cells)} |")
+    w(render_section(MOUNT_SECTION, render_mount(res, args), command))
     w("")
 
     if res.diagnostics.get("read"):
@@ -1012,8 +1100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small-kib", type=int, default=64)
     p.add_argument("--ls-objects", type=int, default=10_000)
     p.add_argument("--ls-per-dir", type=int, default=100)
-    p.add_argument("--mounts", type=int, default=10, help="stowage mounts for the latency p50")
-    p.add_argument("--other-mounts", type=int, default=3, help="rclone/s3fs mounts, for context")
+    p.add_argument(
+        "--mounts", type=int, default=30, help="stowage mounts (each way) for the latency"
+    )
+    p.add_argument("--other-mounts", type=int, default=10, help="rclone/s3fs mounts, for context")
     p.add_argument("--parallel", type=int, default=16, help="boto3 threads for setup")
     p.add_argument("--time-cap", type=float, default=1380.0, help="seconds for the whole run")
     p.add_argument("--op-timeout", type=float, default=300.0, help="seconds per measurement")
@@ -1025,6 +1115,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default="", help="also dump raw results here")
     p.add_argument("--command", default=os.environ.get("BENCH_COMMAND", ""))
     return p.parse_args(argv)
+
+
+def _ensure_mount_markers(path: Path) -> None:
+    """Reports written before section `fuse-mount` existed have its table inline in section
+    `fuse`: wrap that subsection in the markers (dropping its old rows from the targets
+    table), so a mount-only run replaces it in place instead of appending at the end."""
+    start, end = _markers(MOUNT_SECTION)
+    text = path.read_text() if path.exists() else ""
+    fuse_start, fuse_end = _markers("fuse")
+    i, j = text.find(fuse_start), text.find(fuse_end)
+    if start in text or i < 0 or j < 0:
+        return
+    section = text[i:j]
+    k = section.find("### Mount latency")
+    if k < 0:
+        return
+    n = section.find("\n### ", k + 1)
+    n = len(section) if n < 0 else n + 1
+    inner = section[k:n].rstrip("\n")
+    section = section[:k] + f"{start}\n{inner}\n{end}\n\n" + section[n:]
+    section = "\n".join(line for line in section.split("\n") if not line.startswith("| Mount p50"))
+    path.write_text(text[:i] + section + text[j:])
 
 
 def _on_term(signum: int, _frame: FrameType | None) -> None:
@@ -1068,8 +1180,25 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     res = bench.res
     command = args.command or shlex.join(["python", "bench/fuse_bench.py", *sys.argv[1:]])
-    text = render(res, args, machine_facts(start_load), time.monotonic() - started)
-    if not args.no_report:
+    mount_only = not set(args.workloads.split(",")) - {"mount", ""}
+    if mount_only:
+        text = render_mount(res, args)
+        facts = machine_facts(start_load)
+        text += (
+            f"\nMachine: {facts['nproc']} CPUs, {facts['CPU']}, kernel {facts['kernel']}, "
+            f"Python {facts['python']}, {facts['rclone (server and mount)']}, repo commit "
+            f"{facts['repo commit']}, {facts['date (UTC)']}; load average "
+            f"{facts['load average at start']} → {facts['load average at end']}."
+            + (f" Errors: {'; '.join(res.errors)}" if res.errors else "")
+            + "\n"
+        )
+    else:
+        text = render(res, args, machine_facts(start_load), time.monotonic() - started, command)
+    if not args.no_report and mount_only:
+        _ensure_mount_markers(Path(args.out))
+        replace_section(args.out, MOUNT_SECTION, text, command)
+        log.info("wrote section %s of %s", MOUNT_SECTION, args.out)
+    elif not args.no_report:
         replace_section(args.out, "fuse", text, command)
         log.info("wrote section fuse of %s", args.out)
     else:

@@ -1,10 +1,12 @@
-"""Command line: `stowage serve` runs the plugin daemon; `stowage cp` copies and
-`stowage volume backup|restore` saves a volume's data, both without the daemon."""
+"""Command line: `stowage serve` runs the plugin daemon; `stowage cp` copies,
+`stowage volume backup|restore` saves a volume's data and `stowage volume resize` grows a
+size-limited volume, all without the daemon."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from plugin import __version__
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_volume_parser(commands: Any) -> None:
     """`stowage volume backup|restore`: a volume's data through the copy core, no daemon."""
 
-    volume = commands.add_parser("volume", help="back up or restore a local volume's data")
+    volume = commands.add_parser("volume", help="back up, restore or resize a local volume's data")
     actions = volume.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, first, second, text in (
         ("backup", "name", "dest", "copy volume NAME to DEST (a tree, or NAME.tar.gz)"),
@@ -76,9 +78,80 @@ def add_volume_parser(commands: Any) -> None:
         )
         p.add_argument("--region", help="S3 region")
         p.add_argument("--profile", help="AWS profile")
+    resize = actions.add_parser(
+        "resize",
+        help="grow a size-limited volume (created with -o size=) to SIZE",
+        description="Grow the image of a size-limited local volume to SIZE (e.g. 20G) and its "
+        "filesystem with it, online: containers using the volume keep running and see the "
+        "new space at once. Shrinking is refused. The volume keeps its size= option (Docker "
+        "re-sends Create with it); `docker volume inspect` shows the new Status.size.limit.",
+    )
+    resize.add_argument("name", metavar="NAME")
+    resize.add_argument("size", metavar="SIZE")
+    add_root_argument(resize)
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from plugin.backends.quota import LoopImage, SizeLimitError, human, parse_volume_size
+    from plugin.errors import InvalidNameError
+    from plugin.names import encode_name, validate_name
+
+    def fail(message: str) -> int:
+        print(f"stowage volume resize: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        size = parse_volume_size(args.size)
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
+        volume_dir = args.root / "volumes" / encode_name(validate_name(args.name))
+    except InvalidNameError as exc:
+        return fail(str(exc))
+    image = LoopImage(volume_dir)
+    if not image.exists():
+        if volume_dir.is_dir():
+            return fail(
+                f"volume {args.name!r} has no size limit (it was created without -o size=): "
+                "there is nothing to grow"
+            )
+        return fail(f"no local volume {args.name!r} under {args.root}")
+    try:
+        old, new = image.grow(size)
+    except (SizeLimitError, OSError) as exc:
+        return fail(f"volume {args.name!r}: {exc}")
+    if old == new:
+        print(f"stowage volume resize: {args.name} is already {human(new)}", file=sys.stderr)
+    else:
+        print(
+            f"stowage volume resize: {args.name} grown from {human(old)} to {human(new)}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _mount_size_limited(root: Path, name: str) -> None:
+    """A size-limited volume's data is in its image: mount it on the data directory if it is
+    not (after a reboot, before the daemon ran), or backup would read, and restore write,
+    the empty directory beneath it."""
+    from plugin.backends.quota import LoopImage, SizeLimitError
+    from plugin.errors import InvalidNameError, PluginError
+    from plugin.names import encode_name, validate_name
+
+    try:
+        image = LoopImage(root / "volumes" / encode_name(validate_name(name)))
+    except InvalidNameError:  # pragma: no cover - volume_data_dir validated it
+        return
+    if image.exists():
+        try:
+            image.mount()
+        except (SizeLimitError, OSError) as exc:
+            raise PluginError(f"cannot mount the image of volume {name!r}: {exc}") from None
 
 
 def run_volume(args: argparse.Namespace) -> int:
+    if args.action == "resize":
+        return run_resize(args)
     from plugin.driver.archive import ArchiveResult
     from plugin.driver.backup import BackupError, backup, restore, volume_data_dir
     from plugin.errors import PluginError
@@ -89,9 +162,11 @@ def run_volume(args: argparse.Namespace) -> int:
     try:
         if args.action == "backup":
             data = volume_data_dir(args.root, args.name)
+            _mount_size_limited(args.root, args.name)
             result = backup(data, args.dest, options, s3)
         else:
             data = volume_data_dir(args.root, args.name, for_restore=True)
+            _mount_size_limited(args.root, args.name)
             result = restore(args.src, data, options, s3)
     except (BackupError, PluginError) as exc:
         print(f"stowage volume {args.action}: {exc}", file=sys.stderr)

@@ -131,6 +131,9 @@ class FastClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.enabled = True
+        #: Extra headers (lower-case names) of whole-object GETs (`get_object`, `get_many`),
+        #: e.g. [("x-amz-checksum-mode", "ENABLED")] for the stored CRC in the answer.
+        self.whole_get_headers: list[tuple[str, str]] = []
         #: False once the server closes connections after each answer.
         self.keepalive = True
         #: False once a pipelined batch broke (some servers drop what follows a request).
@@ -251,13 +254,12 @@ class FastClient:
         back; anything else, or a body over *max_size*, raises FastPathError."""
         if not self.enabled:
             raise FastPathError("disabled")
-        status, headers, body = self._call(
-            "GET", self.request_bytes(key, method="GET"), max_body=max_size
-        )
+        request = self.request_bytes(key, method="GET", headers=self.whole_get_headers)
+        status, answer, body = self._call("GET", request, max_body=max_size)
         if status not in (200, 404):
             self._refused(status)
             raise FastPathError(f"GET HTTP {status}")
-        return status, headers, body
+        return status, answer, body
 
     def get_many(
         self, keys: list[str], max_size: int
@@ -274,17 +276,22 @@ class FastClient:
             if conn is None:
                 conn = self._local.conn = self._connect()
             sent = time.monotonic()
-            conn.sock.sendall(b"".join(self.request_bytes(k, method="GET") for k in keys))
+            conn.sock.sendall(
+                b"".join(
+                    self.request_bytes(k, method="GET", headers=self.whole_get_headers)
+                    for k in keys
+                )
+            )
             for _ in keys:
                 if len(out) == 1:
                     self._trial_timeout(conn, sent)
-                status, headers = self._read_response(conn)
-                body = self._read_body(conn, headers, max_size)
+                status, answer = self._read_response(conn)
+                body = self._read_body(conn, answer, max_size)
                 if status not in (200, 404):
                     self._refused(status)
                     out.append(FastPathError(f"GET HTTP {status}"))
                 else:
-                    out.append((status, headers, body))
+                    out.append((status, answer, body))
             self._trial_passed(conn, len(keys))
             if not conn.reusable:
                 self._drop()

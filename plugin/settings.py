@@ -26,6 +26,13 @@ ENV_MOUNT_ROOT = "STOWAGE_MOUNT_ROOT"
 ENV_CREDENTIALS_FILE = "STOWAGE_CREDENTIALS_FILE"
 ENV_S3_ENDPOINT = "STOWAGE_S3_ENDPOINT"
 ENV_S3_REGION = "STOWAGE_S3_REGION"
+ENV_REGISTRY = "STOWAGE_REGISTRY"
+ENV_REGISTRY_ENDPOINT = "STOWAGE_REGISTRY_ENDPOINT"
+ENV_REGISTRY_REGION = "STOWAGE_REGISTRY_REGION"
+ENV_REGISTRY_PROFILE = "STOWAGE_REGISTRY_PROFILE"
+ENV_REGISTRY_LEASE_TTL = "STOWAGE_REGISTRY_LEASE_TTL"
+#: How long a host's hold on a staged volume lasts without renewal (it renews every third).
+DEFAULT_LEASE_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,12 @@ class Settings:
     #: `-o endpoint=` / `-o region=` for S3 volumes and S3 staging that do not give one.
     s3_endpoint: str | None = None
     s3_region: str | None = None
+    #: s3://bucket/prefix of the registry shared by several hosts; None: this host alone.
+    registry: str | None = None
+    registry_endpoint: str | None = None
+    registry_region: str | None = None
+    registry_profile: str | None = None
+    registry_lease_ttl: float = DEFAULT_LEASE_TTL_S
 
     @property
     def state_path(self) -> Path:
@@ -131,6 +144,70 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"S3 region for volumes created without -o region= (env {ENV_S3_REGION}; "
         "default: the AWS chain's)",
     )
+    add_registry_arguments(parser)
+
+
+def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared registry (docs/several-hosts.md): volumes known on every host of a Swarm."""
+    env = os.environ
+    parser.add_argument(
+        "--registry",
+        type=_registry_url,
+        default=env.get(ENV_REGISTRY) or None,
+        metavar="s3://BUCKET/PREFIX",
+        help=f"share volume records with every stowage using the same registry (Scope global); "
+        f"credentials from the daemon's usual AWS chain (env {ENV_REGISTRY}; default: none)",
+    )
+    parser.add_argument(
+        "--registry-endpoint",
+        type=_endpoint,
+        default=env.get(ENV_REGISTRY_ENDPOINT) or None,
+        metavar="URL",
+        help=f"S3 endpoint of the registry (env {ENV_REGISTRY_ENDPOINT}; default: AWS)",
+    )
+    parser.add_argument(
+        "--registry-region",
+        default=env.get(ENV_REGISTRY_REGION) or None,
+        metavar="REGION",
+        help=f"S3 region of the registry (env {ENV_REGISTRY_REGION})",
+    )
+    parser.add_argument(
+        "--registry-profile",
+        default=env.get(ENV_REGISTRY_PROFILE) or None,
+        metavar="NAME",
+        help=f"profile for the registry from the daemon's credentials (env "
+        f"{ENV_REGISTRY_PROFILE}; default: the AWS chain's)",
+    )
+    parser.add_argument(
+        "--registry-lease-ttl",
+        type=_lease_ttl,
+        default=env.get(ENV_REGISTRY_LEASE_TTL) or str(DEFAULT_LEASE_TTL_S),
+        metavar="SECONDS",
+        help=f"how long a dead host's hold on a staged volume blocks other hosts (env "
+        f"{ENV_REGISTRY_LEASE_TTL}; default %(default)s)",
+    )
+
+
+def _registry_url(value: str) -> str:
+    from plugin.options import check_bucket_name
+
+    if not value.lower().startswith("s3://"):
+        raise argparse.ArgumentTypeError(f"registry {value!r}: expected s3://bucket/prefix")
+    try:
+        check_bucket_name(value[5:].partition("/")[0])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"registry {value!r}: {exc}") from None
+    return value
+
+
+def _lease_ttl(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lease TTL {value!r}: not a number") from None
+    if not 2 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"lease TTL {value!r}: expected 2 to 3600 seconds")
+    return seconds
 
 
 def _endpoint(value: str) -> str:
@@ -154,4 +231,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         credentials_file=args.credentials_file.absolute() if args.credentials_file else None,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
+        registry=getattr(args, "registry", None),
+        registry_endpoint=getattr(args, "registry_endpoint", None),
+        registry_region=getattr(args, "registry_region", None),
+        registry_profile=getattr(args, "registry_profile", None),
+        registry_lease_ttl=getattr(args, "registry_lease_ttl", DEFAULT_LEASE_TTL_S),
     )

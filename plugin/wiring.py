@@ -32,4 +32,29 @@ def build_backends(settings: Settings) -> dict[str, Backend]:
 
 def build_driver(settings: Settings) -> VolumeDriver:
     settings.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return VolumeDriver(StateStore(settings.state_path), build_backends(settings))
+    store = StateStore(settings.state_path)
+    if settings.registry is None:
+        return VolumeDriver(store, build_backends(settings))
+    # Several hosts share their volumes (docs/several-hosts.md): imported only then.
+    from plugin import s3client
+    from plugin.registry.hostid import host_id
+    from plugin.registry.shared import SharedVolumeDriver
+    from plugin.registry.store import RegistryStore
+
+    s3 = s3client.S3Settings(
+        endpoint_url=settings.registry_endpoint,
+        region=settings.registry_region,
+        profile=settings.registry_profile,
+        credentials_file=CredentialsFile(settings.credentials_path).usable(),
+        connect_timeout=3.0,
+        read_timeout=10.0,
+        max_attempts=2,
+    )
+    return SharedVolumeDriver(
+        store,
+        build_backends(settings),
+        RegistryStore(settings.registry, s3),
+        host_id(settings.root),
+        settings.root,
+        settings.registry_lease_ttl,
+    )

@@ -3,20 +3,33 @@
 pyfuse3 allows one mount per process, and a process outlives the daemon (its own session), so
 restarting stowage breaks no running container: the next daemon adopts the process through its
 pid file, which also records the process start time so a recycled pid is never mistaken for it.
+
+FUSE processes are forked by a launcher (plugin.fusefs.launcher), a process of the daemon's
+that has already imported the filesystem's modules: a fresh interpreter spends ~300 ms on them
+before it can mount. A forked process is a FUSE process like a spawned one (own session, pid
+file, `--ready-fd`), only its parent differs (the launcher reaps it and records its exit
+status). If the launcher cannot be used, the process is spawned as before.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import json
 import logging
 import os
 import select
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn, Protocol
 
 from plugin.backends import mounts
 
@@ -68,6 +81,212 @@ def mount_state(mountpoint: Path) -> str:
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
+class _Child(Protocol):
+    """What start() needs of the process: a Popen, or a launcher's child (_Forked)."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class _Forked:
+    """A FUSE process forked by the launcher: not our child, so its liveness comes from
+    /proc (with the start time, so a recycled pid does not count) and its exit status from
+    the file the launcher writes when it reaps it."""
+
+    def __init__(self, pid: int, exit_file: Path) -> None:
+        self.pid = pid
+        self.exit_file = exit_file
+        self.start_time = _start_time(pid)
+
+    def _alive(self) -> bool:
+        return self.start_time is not None and _start_time(self.pid) == self.start_time
+
+    def _status(self) -> int:
+        # The launcher writes the status right after reaping; give it a moment.
+        for _ in range(50):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                return int(self.exit_file.read_text().split()[-1])
+            time.sleep(0.01)
+        return -1
+
+    def poll(self) -> int | None:
+        return None if self._alive() else self._status()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self._alive():
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            time.sleep(0.01)
+        return self._status()
+
+    def kill(self) -> None:
+        if self._alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class LauncherError(Exception):
+    """The launcher could not fork a FUSE process; spawn one instead."""
+
+
+#: The command line of a FUSE process; the launcher runs the same `main` with the rest.
+FUSEFS_COMMAND = [sys.executable, "-m", "plugin.fusefs"]
+#: Seconds a Mount waits for a starting launcher (its imports) before spawning instead.
+LAUNCHER_START_TIMEOUT_S = 10.0
+#: Seconds for the launcher to answer a request (a fork: milliseconds).
+LAUNCHER_REPLY_TIMEOUT_S = 10.0
+#: After the launcher failed, spawn for this long before trying a new one.
+LAUNCHER_RETRY_S = 30.0
+
+
+class Launcher:
+    """The daemon's side of the fork server (see plugin.fusefs.launcher): started on first
+    use (or by `start`), talked to over a SOCK_SEQPACKET socket pair, one request at a
+    time. It exits when its socket closes, i.e. when the daemon exits; the FUSE processes it
+    forked keep running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._ready = False
+        self._failed_at: float | None = None
+        #: False: never use a launcher (every FUSE process is spawned).
+        self.enabled = os.environ.get("STOWAGE_FUSE_LAUNCHER", "1") != "0"
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def start(self) -> None:
+        """Start the launcher if it is not running (returns at once; its imports go on in
+        the background)."""
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if not self.enabled or (self._proc is not None and self._proc.poll() is None):
+            return
+        if self._failed_at is not None and time.monotonic() - self._failed_at < LAUNCHER_RETRY_S:
+            return
+        self._discard_locked()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [*FUSEFS_COMMAND[:2], "plugin.fusefs.launcher", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # the daemon's signals are not its children's
+            )
+        except OSError as exc:
+            ours.close()
+            log.warning("cannot start the FUSE launcher: %s", exc)
+            self._failed_at = time.monotonic()
+            return
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._ready = False
+        log.debug("FUSE launcher started (pid %d)", self._proc.pid)
+
+    def _discard_locked(self) -> None:
+        """Forget the launcher: close its socket (it exits) and reap it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        proc, self._proc = self._proc, None
+        self._ready = False
+        if proc is not None:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        """Close the launcher (what the daemon's exit does); FUSE processes stay."""
+        with self._lock:
+            self._discard_locked()
+            self._failed_at = None
+
+    def _recv(self, sock: socket.socket, timeout: float) -> dict[str, Any]:
+        sock.settimeout(timeout)
+        data = sock.recv(1 << 16)
+        if not data:
+            raise LauncherError("the launcher exited")
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise LauncherError(f"unexpected answer {data[:100]!r}")
+        return reply
+
+    def fork(
+        self,
+        args: list[str],
+        env: Mapping[str, str],
+        mountpoint: Path,
+        fds: tuple[int, int],
+        exit_file: Path,
+    ) -> int:
+        """Have the launcher fork a FUSE process for `python -m plugin.fusefs ARGS` (it adds
+        `--ready-fd` and the mountpoint); *fds* are the readiness pipe's write end and the
+        log file. Returns its pid; LauncherError if the launcher cannot do it."""
+        with self._lock:
+            if not self.enabled:
+                raise LauncherError("disabled")
+            if self._proc is not None and self._proc.poll() is not None:
+                self._replace_locked(f"it exited with status {self._proc.returncode}")
+            self._start_locked()
+            sock = self._sock
+            if sock is None:
+                raise LauncherError("not running")
+            try:
+                if not self._ready:
+                    hello = self._recv(sock, LAUNCHER_START_TIMEOUT_S)
+                    if "launcher" not in hello:
+                        raise LauncherError(f"unexpected greeting {hello!r}")
+                    self._ready = True
+                request = {
+                    "args": args,
+                    "env": dict(env),
+                    "mountpoint": str(mountpoint),
+                    "exit_file": str(exit_file),
+                }
+                sock.settimeout(LAUNCHER_REPLY_TIMEOUT_S)
+                sock.sendmsg(
+                    [json.dumps(request).encode()],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                )
+                reply = self._recv(sock, LAUNCHER_REPLY_TIMEOUT_S)
+                if "pid" not in reply:
+                    raise LauncherError(str(reply.get("error", reply)))
+                return int(reply["pid"])
+            except (OSError, ValueError, LauncherError) as exc:
+                self._replace_locked(str(exc) or type(exc).__name__)
+
+    def _replace_locked(self, why: str) -> NoReturn:
+        """The launcher is dead, hung or confused: drop it and start another for the next
+        Mount (this one spawns, so it does not wait for the new one's imports). One that
+        never got as far as greeting us is not restarted for a while: a crash loop would cost
+        a process start per Mount."""
+        crashed = not self._ready
+        self._discard_locked()
+        if crashed:
+            self._failed_at = time.monotonic()
+        self._start_locked()
+        raise LauncherError(why)
+
+
+#: The daemon's launcher (one per daemon process).
+launcher = Launcher()
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -85,6 +304,9 @@ class FuseProcess:
         self.pid_file = state_dir / "fuse.pid"
         self.log_file = state_dir / "fuse.log"
         self.exit_file = state_dir / "fuse.exit"
+        #: The command line it was started with, NUL-separated like /proc/PID/cmdline (a
+        #: forked process's own cmdline is the launcher's). Never holds credentials.
+        self.argv_file = state_dir / "fuse.argv"
 
     def recorded(self) -> ProcessRef | None:
         try:
@@ -130,33 +352,52 @@ class FuseProcess:
         self.pid_file.unlink(missing_ok=True)
 
     def start(self, argv: list[str], env: dict[str, str], timeout: float) -> None:
-        """Start the process and return once the mount is live; FuseStartError otherwise."""
+        """Start the process and return once the mount is live; FuseStartError otherwise.
+        `python -m plugin.fusefs` is forked by the launcher when it can be, else spawned."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         if self.log_file.exists():
             os.replace(self.log_file, self.log_file.with_suffix(".log.1"))
         self.exit_file.unlink(missing_ok=True)
+        self.argv_file.write_text("\0".join([*argv, str(self.mountpoint)]))
         read_end, write_end = os.pipe()
         try:
+            proc: _Child | None = None
+            start_time = None
             with open(self.log_file, "ab") as log_out:
-                proc = subprocess.Popen(
-                    [*argv, "--ready-fd", str(write_end), str(self.mountpoint)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    pass_fds=(write_end,),
-                    start_new_session=True,  # survives the daemon's restart and its signals
-                )
+                if argv[: len(FUSEFS_COMMAND)] == FUSEFS_COMMAND and launcher.enabled:
+                    try:
+                        pid = launcher.fork(
+                            argv[len(FUSEFS_COMMAND) :],
+                            env,
+                            self.mountpoint,
+                            (write_end, log_out.fileno()),
+                            self.exit_file,
+                        )
+                    except LauncherError as exc:
+                        log.warning("FUSE launcher unusable (%s); spawning the process", exc)
+                    else:
+                        forked = _Forked(pid, self.exit_file)
+                        proc, start_time = forked, forked.start_time
+                if proc is None:
+                    popen = subprocess.Popen(
+                        [*argv, "--ready-fd", str(write_end), str(self.mountpoint)],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        pass_fds=(write_end,),
+                        start_new_session=True,  # survives the daemon's restart and its signals
+                    )
+                    proc = popen
+                    for _ in range(100):
+                        start_time = _start_time(popen.pid)
+                        if start_time or popen.poll() is not None:
+                            break
+                        time.sleep(0.01)
+                    _children[popen.pid] = popen
             os.close(write_end)
             write_end = -1
-            start_time = None
-            for _ in range(100):
-                start_time = _start_time(proc.pid)
-                if start_time or proc.poll() is not None:
-                    break
-                time.sleep(0.01)
-            _children[proc.pid] = proc
             if start_time:
                 self._write_pid(ProcessRef(proc.pid, start_time))
             self._wait_ready(proc, read_end, timeout)
@@ -165,7 +406,7 @@ class FuseProcess:
             if write_end >= 0:
                 os.close(write_end)
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], read_end: int, timeout: float) -> None:
+    def _wait_ready(self, proc: _Child, read_end: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -187,7 +428,7 @@ class FuseProcess:
                     f"its log ({self.log_file}):\n{tail(self.log_file)}"
                 )
 
-    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+    def _kill(self, proc: _Child) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(timeout=10)

@@ -17,6 +17,11 @@ so the rename needs no new block) or, when even that cannot be done, deleted whe
 way nothing on the way to freeing the space needs free space (the state side is in
 plugin/driver/state.py: its reserve file).
 
+Size-limited volumes (`size=`): the data directory is the mount point of an ext4 image beside
+it, `<root>/volumes/<encoded name>/image` (plugin/backends/quota.py). Create formats and mounts
+it, Mount and recovery mount it again where it is missing (before Docker binds the directory),
+and `_discard` unmounts and detaches it before the directory is deleted.
+
 Leftovers: Create makes the directory first and the driver records the volume after it (a
 record never names a directory that is not there), so a crash in between leaves a directory with
 no record. Such a directory holds an empty data directory; it is deleted at the next start (the
@@ -27,6 +32,7 @@ state database?): it is kept, and Create of that name refuses with what to do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -41,6 +47,13 @@ from typing import Any, ClassVar
 from plugin.backends import mounts
 from plugin.backends.base import Backend
 from plugin.backends.credentials import CredentialsFile
+from plugin.backends.quota import (
+    LOST_FOUND,
+    LoopImage,
+    SizeLimitError,
+    parse_volume_size,
+    unsupported_reason,
+)
 from plugin.backends.staging import OPTION_SPECS as STAGING_OPTION_SPECS
 from plugin.backends.staging import Stager
 from plugin.confined import Tree, UnsafePathError
@@ -77,6 +90,12 @@ class LocalBackend(Backend):
                 "mode", "octal permissions applied to the volume root, e.g. 0770", parse_mode
             ),
             OptionSpec("readonly", "true: containers get a read-only bind of the data", parse_bool),
+            OptionSpec(
+                "size",
+                "cap the volume's data, e.g. 10G: writes past it fail with ENOSPC (a loop-mounted "
+                "ext4 image; grow it with `stowage volume resize`)",
+                parse_volume_size,
+            ),
         )
     }
     #: Staging (stage_in, stage_out, ...) is a layer over managed local volumes: its own table.
@@ -102,7 +121,7 @@ class LocalBackend(Backend):
         self.always_bind = mount_root is not None
         self.mounts_dir = mount_root if mount_root is not None else root / "mounts"
         self.trash_dir = root / "trash"
-        self.stager = Stager(root, self._resolve_allowed, credentials)
+        self.stager = Stager(root, self._resolve_allowed, credentials, room=self._room)
         self.s3_defaults = dict(s3_defaults or {})
 
     # -- paths ---------------------------------------------------------------------------------
@@ -115,6 +134,33 @@ class LocalBackend(Backend):
         if "path" in record.options:
             return Path(record.options["path"])
         return self._volume_dir(record) / "data"
+
+    def _image(self, record: VolumeRecord) -> LoopImage | None:
+        """The loop image of a size-limited (`size=`) volume; None for other volumes."""
+        if "size" not in record.options or "path" in record.options:
+            return None
+        return LoopImage(self._volume_dir(record))
+
+    def _mount_image(self, record: VolumeRecord, error: type[PluginError]) -> None:
+        """Mount a size-limited volume's image on its data directory unless it is there."""
+        image = self._image(record)
+        if image is None:
+            return
+        try:
+            if image.mount():
+                log.info("mounted the image of size-limited volume %s", record.name)
+        except (SizeLimitError, OSError) as exc:
+            raise error(f"cannot mount the image of volume {record.name!r}: {exc}") from None
+
+    def _room(self, name: str) -> tuple[int, int] | None:
+        """For staging: (bytes available, bytes used) in a size-limited volume, else None."""
+        image = LoopImage(self.volumes_dir / encode_name(name))
+        if not image.exists():
+            return None
+        usage = image.usage()
+        if usage.available is None or usage.used is None:
+            return None
+        return usage.available, usage.used
 
     def _readonly(self, record: VolumeRecord) -> bool:
         return parse_bool(record.options.get("readonly", "false"))
@@ -180,6 +226,14 @@ class LocalBackend(Backend):
             raise _HostDirError(f"cannot be opened: {exc.strerror}") from None
 
     def validate(self, name: str, options: Mapping[str, str]) -> None:
+        if "size" in options:
+            if "path" in options:
+                raise InvalidOptionError(
+                    "size= applies to managed volumes only, not to path= host directories"
+                )
+            reason = unsupported_reason()
+            if reason:
+                raise InvalidOptionError(f"option size={options['size']!r}: {reason}")
         if "path" in options:
             raw = options["path"]
             real = self._resolve_allowed(raw)
@@ -232,9 +286,30 @@ class LocalBackend(Backend):
             data.mkdir(mode=0o755)
         except OSError as exc:
             raise BackendError(f"cannot create data directory {data}: {exc.strerror}") from exc
+        image = self._image(record)
+        if image is not None:
+            self._create_image(record, image)
         with self._open_managed(record, BackendError) as tree:
             self._apply_ownership(record, tree)
         self.stager.created(record, data, self._volume_dir(record))
+
+    def _create_image(self, record: VolumeRecord, image: LoopImage) -> None:
+        """Format and mount the image of a new size-limited volume. On failure nothing is
+        left mounted; the volume directory is left for the caller's leftover cleanup."""
+        size = parse_volume_size(record.options["size"])
+        try:
+            image.create(size)
+            image.mount()
+            with self._open_managed(record, BackendError) as tree:
+                # A fresh ext4 has lost+found; Docker copies image content only into an
+                # *empty* volume, so it must go (fsck makes it again if it ever needs it).
+                tree.rmtree(LOST_FOUND)
+        except (SizeLimitError, OSError, BackendError) as exc:
+            with contextlib.suppress(SizeLimitError, OSError):
+                image.release()
+            raise BackendError(
+                f"cannot create the {record.options['size']} image of volume {record.name!r}: {exc}"
+            ) from None
 
     def _open_managed(self, record: VolumeRecord, error: type[PluginError]) -> Tree:
         """A managed volume's data directory, opened beneath stowage's own volumes directory
@@ -291,6 +366,8 @@ class LocalBackend(Backend):
                     f"data directory {data} of volume {record.name!r} is missing; was stowage's "
                     "root moved or cleaned? Remove and recreate the volume to start empty"
                 )
+            # Before Docker binds the data directory (or we bind it): the image must be there.
+            self._mount_image(record, MountError)
             staged = self.stager.mount(record, data, self._volume_dir(record))
             if not staged and target == data:
                 return target  # a legacy read-write volume: Docker binds the data directory
@@ -338,7 +415,7 @@ class LocalBackend(Backend):
             return  # the host directory belongs to the user
         self.stager.remove(record, self.data_path(record), self._volume_dir(record))
         self._unbind(record)
-        self._discard(encode_name(record.name))
+        self._discard(encode_name(record.name))  # releases the image of a size= volume first
 
     def _discard(self, encoded: str) -> None:
         """Delete `<root>/volumes/<encoded>` without needing free space (Remove is how a full
@@ -354,6 +431,7 @@ class LocalBackend(Backend):
             volumes = Tree.at(self.volumes_dir)
         except FileNotFoundError:
             return
+        self._release_image(encoded)
         with volumes:
             try:
                 volumes.lstat(encoded)
@@ -378,6 +456,17 @@ class LocalBackend(Backend):
                 self._delete_in_place(volumes, encoded)
                 return
         self._delete_tree(self.trash_dir / trashed)
+
+    def _release_image(self, encoded: str) -> None:
+        """Unmount and detach the image of a size-limited volume before its directory goes:
+        otherwise the deletion would walk into the mounted filesystem and could not remove it."""
+        image = LoopImage(self.volumes_dir / encoded)
+        if not image.exists() and not mounts.is_mountpoint(image.data):
+            return
+        try:
+            image.release()
+        except (SizeLimitError, OSError) as exc:
+            raise BackendError(f"cannot release the image {image.image}: {exc}") from None
 
     def _delete_in_place(self, volumes: Tree, encoded: str) -> None:
         failures: list[str] = []
@@ -424,6 +513,9 @@ class LocalBackend(Backend):
 
     def status(self, record: VolumeRecord) -> dict[str, Any]:
         status: dict[str, Any] = {"data": str(self.data_path(record))}
+        image = self._image(record)
+        if image is not None:
+            status["size"] = image.usage().as_status()
         if "path" not in record.options:
             status.update(
                 self.stager.status(record, self.data_path(record), self._volume_dir(record))
@@ -431,6 +523,9 @@ class LocalBackend(Backend):
         return status
 
     def recover(self, record: VolumeRecord, mounted: bool) -> None:
+        # Every size-limited volume's image, mounted or not by a container (after a reboot
+        # nothing is mounted): staging and Status read the data directory too.
+        self._mount_image(record, BackendError)
         if "path" not in record.options:
             self.stager.recover(record, self.data_path(record), self._volume_dir(record), mounted)
         if self.mountpoint(record) == self.data_path(record):
@@ -474,18 +569,32 @@ class LocalBackend(Backend):
         there is no directory now; False if it was kept because its data directory holds files
         (or is not a plain directory): those are not stowage's to delete (module docstring)."""
         encoded = encode_name(name)
+        image = LoopImage(self.volumes_dir / encoded)
+        has_image = image.exists()
+        if has_image:
+            # A size-limited volume's files are in its image: look there, not underneath.
+            try:
+                image.mount()
+            except (SizeLimitError, OSError) as exc:
+                log.warning("keeping %s: its image cannot be mounted: %s", image.volume_dir, exc)
+                return False
         try:
             with Tree.beneath(self.volumes_dir, encoded) as vdir:
                 try:
                     with vdir.subtree("data") as data:
-                        empty = not data.scandir("")
+                        entries = [e for e, _st in data.scandir("")]
                 except FileNotFoundError:
-                    empty = True  # the crash came before the data directory was made
+                    entries = []  # the crash came before the data directory was made
         except FileNotFoundError:
             return True
         except OSError as exc:
             log.warning("keeping %s: %s", self.volumes_dir / encoded, exc)
             return False
+        # A fresh image's lost+found: Create deletes it after mounting the image.
+        empty = not [e for e in entries if not (has_image and e == LOST_FOUND)]
+        if not empty and has_image:
+            with contextlib.suppress(SizeLimitError, OSError):
+                image.release()  # kept, but not served: not mounted either
         if not empty:
             log.warning(
                 "keeping %s: it holds files but stowage has no record of volume %r (was the "

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from plugin.backends import fuseproc
 from plugin.backends.base import Backend
 from plugin.backends.credentials import CredentialsFile
 from plugin.backends.fuseproc import FuseProcess, FuseStartError
@@ -140,9 +141,21 @@ class S3Backend(Backend):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def housekeeping(self) -> None:
+        """At daemon start (in the background): start the FUSE launcher, so that even the
+        first Mount forks a process that has its imports done. Not for a daemon without S3
+        volumes (it would hold the launcher's memory for nothing): then the first Mount
+        starts it."""
+        with contextlib.suppress(OSError):
+            if any(self.state_root.iterdir()):
+                fuseproc.launcher.start()
+
     def validate(self, name: str, options: Mapping[str, str]) -> None:
         if not options.get("bucket"):
             raise InvalidOptionError("backend=s3 needs -o bucket=NAME")
+        # A Mount is likely to follow: the launcher does its imports while the bucket is
+        # checked, so that Mount can fork at once.
+        fuseproc.launcher.start()
         self._check_bucket_reachable(options)
 
     def _check_settings(self, options: Mapping[str, str]) -> Any:

@@ -304,6 +304,8 @@ class JobState:
     started_at: str | None = None
     finished_at: str | None = None
     attempts: int = 0
+    #: Files verified by each check ("crc64nvme", "crc32c", "crc32", "md5", "size-only").
+    checks: dict[str, int] = field(default_factory=dict)
 
     def progress_text(self) -> str:
         text = (
@@ -319,12 +321,14 @@ class JobState:
         self.bytes_done, self.bytes_total = p.bytes_done, p.bytes_total
         self.files_done, self.files_total = p.files_done, p.files_total
         self.rate, self.eta = round(p.rate, 1), None if p.eta is None else round(p.eta, 1)
+        self.checks = dict(p.checks)
 
     def finish(self, result: CopyResult) -> None:
         """Final numbers from the copy's result. Only a successful copy is all done: after a
         failure (or a cancelled copy) the files counted are those copied or found unchanged,
         and the bytes those moved, reused or unchanged, which is what a retry will not redo."""
         self.bytes_total, self.files_total = result.bytes_total, result.files_total
+        self.checks = dict(result.checks)
         if result.ok:
             self.bytes_done, self.files_done = result.bytes_total, result.files_total
         else:
@@ -429,10 +433,14 @@ class Stager:
         root: Path,
         allowed_check: Callable[[str], Path],
         credentials: CredentialsFile | None = None,
+        room: Callable[[str], tuple[int, int] | None] | None = None,
     ) -> None:
+        """`room(name)`: (bytes available, bytes used) of a size-limited volume, None for
+        one without a limit; stage-in checks the source fits before copying anything."""
         self.root = root
         self.credentials = credentials or CredentialsFile(root / "credentials")
         self._allowed_check = allowed_check
+        self._room = room
         self._lock = threading.Lock()
         self._volumes: dict[str, _Volume] = {}
 
@@ -646,6 +654,32 @@ class Stager:
                 return True
             time.sleep(0.05)
         return False
+
+    def handover_state(self, name: str) -> str:
+        """For the registry's lease (plugin.registry.lease): `busy` while the volume is mounted
+        or stage-out has work, `failed` when stage-out gave up, `idle` when nothing here is
+        newer than what was uploaded, so another host may take the volume."""
+        with self._lock:
+            vol = self._volumes.get(name)
+        if vol is None:
+            return "idle"
+        with vol.lock:
+            out = vol.state.stage_out.state
+            thread = vol.out_thread is not None and vol.out_thread.is_alive()
+            if vol.mounted or thread or out in ("pending", "running"):
+                return "busy"
+            return "failed" if out == "failed" else "idle"
+
+    def force_stage_in(self, record: VolumeRecord, data: Path, state_dir: Path) -> None:
+        """Make the next Mount stage in again, whatever the policy: another host held the
+        volume since, so what is here may be older than the remote copy."""
+        vol = self._volume(record, data, state_dir)
+        if vol is None or vol.mounted:
+            return
+        with vol.lock:
+            if vol.state.stage_in_completed or vol.state.stage_in_fresh:
+                vol.state.stage_in_completed = vol.state.stage_in_fresh = False
+                vol.persist()
 
     # -- stage-in ------------------------------------------------------------------------------
 
@@ -865,7 +899,15 @@ class Stager:
         )
 
     def _copy(self, vol: _Volume, src: str | LocalLocation, dst: str, job: JobState) -> CopyResult:
+        fit_checked = dst.startswith("s3://") or self._room is None
+
         def progress(p: Progress) -> None:
+            nonlocal fit_checked
+            if not fit_checked and p.state == "copying":
+                # The first "copying" report comes once the source is listed, before any
+                # byte is written; raising here ends the copy (and fails the job) at once.
+                fit_checked = True
+                self._check_fits(vol, p.bytes_total)
             with vol.lock:
                 job.update(p)
                 if time.monotonic() - vol.last_persist >= PERSIST_INTERVAL_S:
@@ -899,6 +941,22 @@ class Stager:
             store = Boto3Store(config.endpoint, config.region, config.profile, client=client)
         s3 = S3Options(endpoint_url=config.endpoint, region=config.region, profile=config.profile)
         return copy(src, dst, options, s3=s3, store=store)
+
+    def _check_fits(self, vol: _Volume, needed: int) -> None:
+        """BackendError if stage-in's *needed* bytes cannot fit in a size-limited volume even
+        if every byte in it now were overwritten (free space plus what is in use: files copied
+        by an interrupted run count once)."""
+        room = self._room(vol.name) if self._room is not None else None
+        if room is None:
+            return
+        available, used = room
+        if needed > available + used:
+            raise BackendError(
+                f"stage-in source {vol.config.stage_in} holds {_human(needed)} ({needed} bytes), "
+                f"more than volume {vol.name!r} can hold: {_human(available)} free and "
+                f"{_human(used)} in use ({available + used} bytes); nothing was copied. Grow "
+                "it with `stowage volume resize NAME SIZE`, or create it with a larger size="
+            )
 
 
 def _summarise(result: CopyResult | None) -> str:

@@ -19,14 +19,17 @@ import re
 import signal
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyfuse3
 import trio
 
 from plugin import s3fast
+from plugin.fusefs import creds
 from plugin.fusefs.cache import PART_SIZE, DataCache, MiB, UploadConfig
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
@@ -34,6 +37,7 @@ from plugin.fusefs.operations import S3Operations
 from plugin.fusefs.store import LazyClient, ObjectStore
 from plugin.fusefs.stream import STREAM_BUFFERS, STREAM_PART
 from plugin.logs import LEVELS, setup_logging
+from plugin.s3fast import FastPathError
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +235,8 @@ async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
             return
 
 
-def _build_client(args: argparse.Namespace) -> tuple[Any, bool]:
-    """Import boto3, build the client and prove that it works; with `--dir-markers auto`,
-    ask the server whether it keeps `dir/` markers. Blocking: a worker thread."""
+def _make_client(args: argparse.Namespace) -> Any:
+    """Import boto3 and build the client. Blocking: a worker thread."""
     from plugin import s3client
 
     settings = s3client.S3Settings(
@@ -246,23 +249,67 @@ def _build_client(args: argparse.Namespace) -> tuple[Any, bool]:
         max_attempts=args.max_attempts,
         max_pool_connections=32 + 4 * args.upload_concurrency,
     )
-    client = s3client.make_s3_client(settings)
+    return s3client.make_s3_client(settings)
+
+
+def _build_client(args: argparse.Namespace) -> tuple[Any, bool]:
+    """Build the boto3 client and prove that it works; with `--dir-markers auto`, ask the
+    server whether it keeps `dir/` markers. Blocking: a worker thread."""
+    client = _make_client(args)
     # Bad credentials or bucket fail here with S3's own message (and exit status 2), not as
     # EIO on the first ls.
     client.list_objects_v2(Bucket=args.bucket, Prefix=args.prefix.strip("/"), MaxKeys=1)
     return client, _dir_markers(args, client)
 
 
+def _fast_connect(args: argparse.Namespace) -> s3fast.FastClient | None:
+    """The mount's hot path without botocore: static keys (plugin.fusefs.creds) and one
+    signed LIST of the prefix, which proves endpoint, bucket and keys as the boto3 check
+    does. None whenever this path cannot answer (no endpoint, keys only botocore can find,
+    a proxy, `--dir-markers auto` on a writable mount, any error): then boto3 is asked, and
+    its error is the one reported. Blocking: a worker thread."""
+    if args.no_fast_path or not args.endpoint:
+        return None
+    if args.dir_markers == "auto" and not args.readonly:
+        return None  # the server has to be probed; that is boto3's job
+    keys = creds.static_credentials(args.profile, args.credentials_file)
+    if keys is None:
+        return None
+    url = urlsplit(args.endpoint)
+    proxies = urllib.request.getproxies()
+    if url.scheme in proxies and not urllib.request.proxy_bypass(url.hostname or ""):
+        return None  # botocore goes through the proxy; this path would not
+    try:
+        client = s3fast.FastClient(
+            args.endpoint,
+            args.bucket,
+            args.region or "us-east-1",
+            lambda: keys,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+        )
+    except ValueError as exc:
+        log.debug("no fast start: %s", exc)
+        return None
+    try:
+        client.list_v2(args.prefix.strip("/"), None, None, 1)
+    except FastPathError as exc:
+        log.debug("fast bucket check failed (%s); asking boto3", exc)
+        client.close()
+        return None
+    return client
+
+
 def _dir_markers(args: argparse.Namespace, client: Any) -> bool:
     """The `--dir-markers` answer: as given, or (auto) what the server does. A read-only
     mount writes no markers, so it asks nothing; a probe that cannot tell (writes denied)
-    keeps the S3 default."""
-    from plugin import s3client
-
+    keeps the S3 default. Imports botocore only to probe."""
     if args.dir_markers != "auto":
         return bool(args.dir_markers == "true")
     if args.readonly:
         return True
+    from plugin import s3client
+
     try:
         return s3client.dir_markers_supported(client, args.bucket, args.prefix)
     except s3client.ProbeError as exc:
@@ -278,7 +325,22 @@ async def _connect(
     failed: list[str],
     done: trio.Event,
 ) -> None:
-    """Build the S3 client and check the bucket; sets *done* either way, *failed* on error."""
+    """Check the bucket and get the S3 clients; sets *done* once the mount may be used,
+    *failed* on error. The signed-request client (no botocore) checks the bucket when it
+    can; the boto3 client, needed only for what that client does not do, is then built
+    after *done*."""
+    fast = await trio.to_thread.run_sync(_fast_connect, args)
+    if fast is not None:
+        store.fast_client = fast
+        _set_dir_markers(fs, _dir_markers(args, None))
+        log.debug("bucket checked on the fast path")
+        done.set()
+        try:
+            lazy.set(await trio.to_thread.run_sync(_make_client, args))
+        except Exception as exc:
+            log.error("cannot build the S3 client: %s", exc)
+            lazy.fail(str(exc))
+        return
     try:
         client, dir_markers = await trio.to_thread.run_sync(_build_client, args)
     except Exception as exc:
@@ -295,11 +357,15 @@ async def _connect(
             read_timeout=args.read_timeout,
         )
     lazy.set(client)
+    _set_dir_markers(fs, dir_markers)
+    log.debug("S3 client ready (dir markers: %s)", dir_markers)
+    done.set()
+
+
+def _set_dir_markers(fs: S3Filesystem, dir_markers: bool) -> None:
     if dir_markers != fs.config.dir_markers:
         # Before ready: no FUSE request has been served yet.
         fs.config = dataclasses.replace(fs.config, dir_markers=dir_markers)
-    log.debug("S3 client ready (dir markers: %s)", dir_markers)
-    done.set()
 
 
 async def _run(
@@ -310,8 +376,8 @@ async def _run(
 ) -> int:
     """Ready is signalled only once the bucket answered: a Mount with bad credentials or a
     dead endpoint then fails with S3's message in Docker's error, instead of handing the
-    container a mount that dies a moment later. (The imports behind it are most of a
-    mount's latency; they are the price of that error.)"""
+    container a mount that dies a moment later. On the fast path that check is one signed
+    LIST, without botocore."""
     startup_failed: list[str] = []
     connected = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -361,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)
     mountpoint = os.path.abspath(args.mountpoint)
 
-    # The boto3 client is built (and the bucket checked) in a worker thread while the loop
-    # starts; S3 calls wait for it in their worker threads, and ready waits for the check.
+    # The bucket is checked (and the clients built) in a worker thread while the loop
+    # starts; S3 calls wait for the boto3 client in their worker threads, and ready waits
+    # for the check.
     temp_cache = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="stowage-fusefs-")) if temp_cache else args.cache_dir
     lazy = LazyClient()

@@ -121,6 +121,7 @@ class S3Filesystem:
         self._cached: set[Node] = set()
         #: Upload journals left by a previous run of this cache directory.
         self.pending_journals: list[dict[str, object]] = []
+        self._journals_lock = trio.Lock()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -776,11 +777,13 @@ class S3Filesystem:
     async def _retry_journals(self) -> int:
         """Upload what a previous run journaled; returns how many are still pending. An
         upload is dropped from the list the moment it is done, so a cancelled pass (shutdown)
-        leaves only what is really pending for `flush_all`."""
-        for info in list(self.pending_journals):
-            if await self.cache.upload_journaled(info):
-                self.pending_journals.remove(info)
-        return len(self.pending_journals)
+        leaves only what is really pending for `flush_all`. One pass at a time: a SIGTERM
+        right after the mount went live starts one while the background task's runs."""
+        async with self._journals_lock:
+            for info in list(self.pending_journals):
+                if await self.cache.upload_journaled(info):
+                    self.pending_journals.remove(info)
+            return len(self.pending_journals)
 
     async def retry_failed_uploads(self) -> None:
         """Background task: uploads journaled by a previous run at once (a container that

@@ -12,7 +12,14 @@ from typing import Any
 import botocore.exceptions  # type: ignore[import-untyped,unused-ignore]
 
 from plugin.s3client import S3Settings, error_code, is_not_found, is_temp_failure, make_s3_client
-from plugin.staging.store import STREAM_BUFSIZE, ObjectInfo, PartInfo, Sink, UploadInfo
+from plugin.staging.store import (
+    STREAM_BUFSIZE,
+    ObjectInfo,
+    PartInfo,
+    Sink,
+    UploadInfo,
+    checksum_from_boto3,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ class Boto3Store:
 
     def head(self, bucket: str, key: str) -> ObjectInfo | None:
         try:
-            r = self._client.head_object(Bucket=bucket, Key=key)
+            r = self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         except botocore.exceptions.ClientError as exc:
             if is_not_found(exc):
                 return None
@@ -65,6 +72,7 @@ class Boto3Store:
             etag=r.get("ETag", ""),
             last_modified=_ts(r.get("LastModified")),
             metadata=_meta(r.get("Metadata")),
+            checksum=checksum_from_boto3(r),
         )
 
     def list_objects(self, bucket: str, prefix: str) -> Iterator[ObjectInfo]:
@@ -93,6 +101,9 @@ class Boto3Store:
         if start or length is not None:
             end = "" if length is None else str(start + length - 1)
             kwargs["Range"] = f"bytes={start}-{end}"
+        else:
+            # A whole object's stored CRC comes with it (S3 returns none for a range).
+            kwargs["ChecksumMode"] = "ENABLED"
         r = self._client.get_object(**kwargs)
         body = r["Body"]
         buf = bytearray(STREAM_BUFSIZE)
@@ -124,6 +135,7 @@ class Boto3Store:
             etag=r.get("ETag", ""),
             last_modified=_ts(r.get("LastModified")),
             metadata=_meta(r.get("Metadata")),
+            checksum=None if "Range" in kwargs else checksum_from_boto3(r),
         )
 
     def put(self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str]) -> str:

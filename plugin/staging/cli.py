@@ -184,6 +184,9 @@ def run_cp(args: argparse.Namespace) -> int:
         print(f"stowage cp: ... and {len(result.errors) - 20} more errors", file=sys.stderr)
     if not args.quiet or not result.ok:
         print(result.summary(), file=sys.stderr)
+    if args.verbose:
+        # Which check verified the copied files: the store's CRC, MD5 (ETag) or size only.
+        print(f"checks: {result.checks_text()}", file=sys.stderr)
     if result.state == "cancelled":
         return EXIT_CANCELLED
     if result.ok:

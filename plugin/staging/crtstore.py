@@ -38,7 +38,15 @@ from awscrt import auth, http, io, s3  # type: ignore[import-untyped]
 from awscrt.exceptions import AwsCrtError  # type: ignore[import-untyped]
 
 from plugin.s3fast import FastClient, FastPathError
-from plugin.staging.store import NoCredentialsError, ObjectInfo, PartInfo, Sink, UploadInfo
+from plugin.staging.store import (
+    CHECKSUM_MODE,
+    NoCredentialsError,
+    ObjectInfo,
+    PartInfo,
+    Sink,
+    UploadInfo,
+    checksum_from_headers,
+)
 
 if TYPE_CHECKING:
     from plugin.staging.boto3store import Boto3Store
@@ -281,7 +289,7 @@ class CrtStore:
             else:
                 sink(start, buf)
                 total = h.get("content-range", "").rsplit("/", 1)[-1]
-                info = _info(key, h)
+                info = dataclasses.replace(_info(key, h), checksum=None)  # a range's: none
                 return dataclasses.replace(info, size=int(total)) if total.isdigit() else info
         elif fast is not None and not headers:
             try:
@@ -305,6 +313,8 @@ class CrtStore:
         # part requests, which answer 416 for an empty object. Ranges use GET_OBJECT, which
         # delivers each part as one buffer (one Python callback per chunk).
         whole = not headers
+        if whole:
+            headers.append(CHECKSUM_MODE)  # the stored CRC comes with a whole object
         _, h = self._run(
             f"GET {key}",
             s3.S3RequestType.DEFAULT if whole else s3.S3RequestType.GET_OBJECT,
@@ -331,6 +341,7 @@ class CrtStore:
             etag=h.get("etag", ""),
             last_modified=parsedate_to_datetime(last).timestamp() if last else 0.0,
             metadata=meta,
+            checksum=checksum_from_headers(h) if whole else None,
         )
 
     def close(self) -> None:
@@ -383,7 +394,7 @@ class CrtStore:
                 s3.S3RequestType.DEFAULT,
                 "HEAD",
                 self._path(bucket, key),
-                [],
+                [CHECKSUM_MODE],
                 operation="HeadObject",
             )
         except CrtRequestError as exc:
@@ -539,6 +550,7 @@ class _FastPath:
                 except ValueError:  # not an endpoint this path speaks to
                     self._endpoint = None
                     return None
+                fast.whole_get_headers = [CHECKSUM_MODE]  # stored CRCs come with the body
                 self._clients[bucket] = fast
         return fast if fast.enabled else None
 
@@ -577,4 +589,5 @@ def _info(key: str, h: Mapping[str, str]) -> ObjectInfo:
         etag=h.get("etag", ""),
         last_modified=parsedate_to_datetime(last).timestamp() if last else 0.0,
         metadata={k[11:]: v for k, v in h.items() if k.startswith("x-amz-meta-")},
+        checksum=checksum_from_headers(h),
     )

@@ -10,8 +10,9 @@ Invariants:
   no partial file is ever visible under its final name.
 - Large downloads and local copies record finished chunks in a journal beside the part file;
   large uploads reuse the store's multipart upload (ListParts), checking each part's MD5.
-- Every file is verified before the rename: size always, plus MD5 / multipart ETag wherever the
-  store gives one.
+- Every file is verified before the rename: size always, plus the store's full-object CRC
+  (CRC64NVME / CRC32C / CRC32, computed per chunk by the workers and combined at the end) where
+  it keeps one, else MD5 / multipart ETag wherever the store gives one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from plugin.confined import Tree, UnsafePathError
-from plugin.staging import localfs
+from plugin.staging import crc, localfs
 from plugin.staging.errors import (
     CopyCancelledError,
     InvalidLocationError,
@@ -59,6 +60,7 @@ from plugin.staging.progress import (
 )
 from plugin.staging.store import (
     STREAM_BUFSIZE,
+    Checksum,
     NoCredentialsError,
     ObjectInfo,
     ObjectStore,
@@ -718,11 +720,16 @@ class _Copier:
         self._record_error(t.entry.rel or t.src, message)
         self.tracker.file_done()
 
-    def _file_copied(self, t: _Target) -> None:
+    def _file_copied(self, t: _Target, check: str | None = None) -> None:
+        """*check*: what verified the file ("crc64nvme", "md5", "size-only", ...)."""
         with self._lock:
             self.result.files_copied += 1
             if t.entry.kind == "symlink":
                 self.result.symlinks += 1
+            if check is not None:
+                self.result.checks[check] = self.result.checks.get(check, 0) + 1
+        if check is not None:
+            self.tracker.add_check(check)
         self.tracker.file_done()
 
     def _file_skipped(self, t: _Target) -> None:
@@ -1017,7 +1024,7 @@ class _Copier:
             finally:
                 os.close(dst_fd)
             self._rename(part, t.dst)
-            self._file_copied(t)
+            self._file_copied(t, "size-only")
         finally:
             if src_fd >= 0:
                 os.close(src_fd)
@@ -1056,11 +1063,7 @@ class _Copier:
             info = self._retry(f"GET {t.src}", lambda: store.get(bucket, t.src, sink))
         if len(buf) != info.size:
             raise VerificationError(f"got {len(buf)} bytes of {info.size}; not renamed")
-        etag = _plain_md5(info.etag)
-        if self.opts.verify and etag is not None:
-            got = hashlib.md5(buf).hexdigest()
-            if got != etag:
-                raise VerificationError(f"MD5 {got} does not match ETag {etag}; not renamed")
+        check = self._verify_whole(t, info, buf) if self.opts.verify else "size-only"
         mode, mtime_ns, uid, gid = self._meta_from_object(info, t)
         if stat.S_ISLNK(mode):
             self._make_symlink(
@@ -1069,7 +1072,7 @@ class _Copier:
                 Entry(e.rel, "symlink", mtime_ns=mtime_ns, uid=uid, gid=gid),
                 from_s3=True,
             )
-            self._file_copied(t)
+            self._file_copied(t, check)
             return
         part, journal = temp_paths(t.dst)
         fd = self._new_part(part, journal)
@@ -1085,7 +1088,52 @@ class _Copier:
         finally:
             os.close(fd)
         self._rename(part, t.dst)
-        self._file_copied(t)
+        self._file_copied(t, check)
+
+    def _verify_whole(self, t: _Target, info: ObjectInfo, buf: bytes | bytearray) -> str:
+        """Check a whole object's body against the CRC its GET returned, else its MD5 ETag;
+        returns the check made."""
+        usable = _usable_crc(info)
+        if usable is not None and usable[1] is None:
+            cs = usable[0]
+            fn = crc.compute_fn(cs.algorithm)
+            assert fn is not None
+            got = crc.encode(cs.algorithm, fn(buf, 0))
+            if got != _crc_value(cs):
+                raise VerificationError(
+                    f"{cs.algorithm} {got} does not match the store's {cs.value}; not renamed"
+                )
+            return cs.algorithm
+        etag = _plain_md5(info.etag)
+        if etag is None:
+            return "size-only"
+        got = hashlib.md5(buf).hexdigest()
+        if got != etag:
+            raise VerificationError(f"MD5 {got} does not match ETag {etag}; not renamed")
+        return "md5"
+
+    def _crc_check_for(self, t: _Target, info: ObjectInfo, chunk: int) -> _CrcCheck | None:
+        """The CRC verification of a chunked download, when the store keeps a CRC we can
+        rebuild from per-chunk CRCs: a full-object one, or a composite one (CRC of the part
+        CRCs) whose part size is known."""
+        usable = _usable_crc(info)
+        if usable is None:
+            if info.checksum is not None:
+                log.info(
+                    "%s: the store's %s (type %s) is not usable here; checking the ETag",
+                    t.src,
+                    info.checksum.algorithm,
+                    info.checksum.type or "not given",
+                )
+            return None
+        cs, nparts = usable
+        part_size = None
+        if nparts is not None:
+            part_size = self._guess_part_size(info, nparts)
+            if part_size is None:
+                log.info("%s: part size of the composite %s unknown", t.src, cs.algorithm)
+                return None
+        return _CrcCheck(cs, info.size, chunk, part_size)
 
     def _new_part(self, part: str, journal: str) -> int:
         """The part file of a file copied whole. One already there is a chunked copy's that
@@ -1160,7 +1208,10 @@ class _Copier:
             done = set(range(nchunks))
             self._moved(e.size)
         hasher: _Hasher | None = None
+        crc_check: _CrcCheck | None = None
         if info is not None and self.opts.verify:
+            crc_check = self._crc_check_for(t, info, chunk)
+        if info is not None and self.opts.verify and crc_check is None:
             etag = _clean_etag(info.etag)
             if _MD5_RE.match(etag):
                 part_size = None
@@ -1169,21 +1220,27 @@ class _Copier:
                 if "-" not in etag or part_size is not None:
                     hasher = _Hasher(fd, e.size, chunk, part_size, lead=2 * self.opts.jobs)
                     self._hashers.add(hasher)
-        job = _ChunkedFile(self, t, e, info, fd, src_fd, part, journal, nchunks, hasher)
+        job = _ChunkedFile(self, t, e, info, fd, src_fd, part, journal, nchunks, hasher, crc_check)
         resumed = 0
+        recheck: list[int] = []
         for i in sorted(done):
             if i < nchunks:
                 resumed += min(chunk, e.size - i * chunk)
                 if hasher is not None:
                     hasher.mark(i)
+                if crc_check is not None:
+                    # The CRC of a chunk written by an earlier run comes from the part file
+                    # (a pread pass over those chunks only, in parallel with the downloads):
+                    # what a crash lost on the way to the disk is caught, not trusted.
+                    recheck.append(i)
         if resumed:
             log.info(
                 "%s: resuming, %d of %d chunks already done", self.shown_dst(t), len(done), nchunks
             )
             self._resumed(resumed)
         pending = [i for i in range(nchunks) if i not in done]
-        job.remaining = len(pending)
-        if not pending:
+        job.remaining = len(pending) + len(recheck)
+        if not pending and not recheck:
             job.finish()
             return
         if src_fd >= 0:
@@ -1193,7 +1250,9 @@ class _Copier:
             for i in pending:
                 job.chunk_task(i)()
             return
-        self._scheduler.push(job.chunk_task(i) for i in pending)
+        self._scheduler.push(
+            [*(job.chunk_task(i) for i in pending), *(job.recheck_task(i) for i in recheck)]
+        )
 
     def _guess_part_size(self, info: ObjectInfo, nparts: int) -> int | None:
         """The part size a multipart ETag was built with: from our metadata, else a guess."""
@@ -1269,16 +1328,18 @@ class _Copier:
             self._bucket.take(len(data), self.cancel)
         etag = self._retry(f"PUT {t.dst}", lambda: store.put(bucket, t.dst, data, meta))
         got = _plain_md5(etag)
+        check = "size-only"
         if self.opts.verify and got is not None:
             want = hashlib.md5(data).hexdigest()
             if got != want:
                 raise VerificationError(
                     f"stored ETag {got} differs from the MD5 {want} of what was sent"
                 )
+            check = "md5"
         with self._lock:
             self.result.bytes_copied += len(data)
         self.tracker.add_bytes(len(data))
-        self._file_copied(t)
+        self._file_copied(t, check)
 
     def _start_multipart(self, t: _Target, store: ObjectStore, bucket: str, part_size: int) -> None:
         e = t.entry
@@ -1392,6 +1453,7 @@ class _ChunkedFile:
         journal: ChunkJournal,
         nchunks: int,
         hasher: _Hasher | None,
+        crc_check: _CrcCheck | None = None,
     ) -> None:
         self.c = copier
         self.t = t
@@ -1403,6 +1465,7 @@ class _ChunkedFile:
         self.journal = journal
         self.nchunks = nchunks
         self.hasher = hasher
+        self.crc = crc_check
         self.remaining = nchunks
         self.error: BaseException | None = None
         self._lock = threading.Lock()
@@ -1412,6 +1475,12 @@ class _ChunkedFile:
 
     def chunk_task(self, index: int) -> Callable[[], None]:
         return lambda: _run_piece(self, self._chunk, index)
+
+    def recheck_task(self, index: int) -> Callable[[], None]:
+        """CRC of a chunk an earlier run wrote, read back from the part file."""
+        assert self.crc is not None
+        crc_check, fd = self.crc, self.fd
+        return lambda: _run_piece(self, lambda i: crc_check.from_file(i, fd), index)
 
     def _chunk(self, index: int) -> None:
         if self.hasher is not None:
@@ -1444,11 +1513,16 @@ class _ChunkedFile:
         assert isinstance(c.src, S3Location) and c.store is not None
         store, bucket, key, fd = c.store, c.src.bucket, self.t.src, self.fd
         got = [0]
+        # The CRC of the chunk, computed on the buffer just written (awscrt releases the GIL:
+        # the workers' CRCs run in parallel, no pass over the file at the end).
+        feed = self.crc.feeder(index) if self.crc is not None else None
 
         def sink(offset: int, data: memoryview) -> None:
             n = os.pwrite(fd, data, offset)
             if n != len(data):
                 raise OSError(28, "short write (disk full?)")
+            if feed is not None:
+                feed.update(offset, data)
             got[0] += n
             c._moved(n)
 
@@ -1467,6 +1541,11 @@ class _ChunkedFile:
             )
         if got[0] != length:
             raise VerificationError(f"chunk {index}: got {got[0]} bytes of {length}")
+        if feed is not None and self.crc is not None:
+            if feed.complete():
+                self.crc.store(index, feed.values)
+            else:  # bytes came out of order (a store's retry): read the chunk back
+                self.crc.from_file(index, fd)
 
     def finish(self) -> None:
         c, t, e = self.c, self.t, self.entry
@@ -1478,7 +1557,19 @@ class _ChunkedFile:
             size = os.fstat(self.fd).st_size
             if size != e.size:
                 raise VerificationError(f"part file has {size} bytes of {e.size}; not renamed")
-            if self.hasher is not None:
+            check = "size-only"
+            if self.crc is not None:
+                got = self.crc.result()
+                if got != self.crc.want:
+                    # A corrupt part file must not be resumed: start from scratch next time.
+                    self.journal.remove()
+                    c.dt.unlink(self.part, missing_ok=True)
+                    raise VerificationError(
+                        f"{self.crc.algorithm} {got} does not match the store's "
+                        f"{self.crc.want}; not renamed, rerun the copy"
+                    )
+                check = self.crc.algorithm
+            elif self.hasher is not None:
                 got = self.hasher.result()
                 want = _clean_etag(self.info.etag) if self.info else ""
                 if got != want:
@@ -1486,8 +1577,9 @@ class _ChunkedFile:
                     self.journal.remove()
                     c.dt.unlink(self.part, missing_ok=True)
                     raise VerificationError(
-                        f"checksum {got} does not match ETag {want}; not renamed, rerun the copy"
+                        f"MD5 {got} does not match ETag {want}; not renamed, rerun the copy"
                     )
+                check = "md5"
             if self.info is not None:
                 mode, mtime_ns, uid, gid = c._meta_from_object(self.info, t)
                 c._apply_meta(self.fd, mode, 0, mtime_ns, uid, gid, from_s3=True)
@@ -1496,7 +1588,7 @@ class _ChunkedFile:
             c._rename(self.part, t.dst)
             self.journal.remove()
             c._journals.discard(self.journal)
-            c._file_copied(t)
+            c._file_copied(t, check)
         except BaseException as exc:
             self.journal.close()
             c._file_failed(t, exc)
@@ -1611,7 +1703,7 @@ class _MultipartUpload:
                         f"stored object has {head.size if head else 'no'} bytes, "
                         f"expected {t.entry.size}"
                     )
-            c._file_copied(t)
+            c._file_copied(t, "md5" if c.opts.verify and self.md5s else "size-only")
         except BaseException as exc:
             c._file_failed(t, exc)
         finally:
@@ -1636,6 +1728,162 @@ def _run_piece(job: _ChunkedFile | _MultipartUpload, fn: Callable[[int], None], 
         last = job.remaining == 0
     if last:
         job.finish()
+
+
+class _ChunkCrc:
+    """CRCs of one chunk's segments, fed with the chunk's bytes in order as they arrive."""
+
+    def __init__(self, fn: crc.CrcFn, segments: list[tuple[int, int]]) -> None:
+        self._fn = fn
+        self._segments = segments
+        self.values = [0] * len(segments)
+        self._pos = segments[0][0]
+        self._i = 0
+        self._broken = False
+
+    def update(self, offset: int, data: memoryview) -> None:
+        if offset != self._pos or self._broken:
+            self._broken = True  # not in order: the caller reads the chunk back instead
+            return
+        while len(data):
+            if self._i >= len(self._segments):
+                self._broken = True
+                return
+            end = self._segments[self._i][1]
+            if self._pos >= end:
+                self._i += 1
+                continue
+            k = min(len(data), end - self._pos)
+            self.values[self._i] = self._fn(data[:k], self.values[self._i])
+            data = data[k:]
+            self._pos += k
+
+    def complete(self) -> bool:
+        return not self._broken and self._pos == self._segments[-1][1]
+
+
+class _CrcCheck:
+    """The store's CRC of a file filled chunk by chunk in any order: each chunk's CRC is
+    computed by the worker that writes it (on the received buffer), and `result` combines them
+    in order with arithmetic on the CRCs alone, so verification adds no sequential pass.
+
+    A full-object CRC combines every chunk. A composite one (CRC of the part CRCs, what S3
+    keeps for a multipart upload with CRC32/CRC32C by default) needs the part CRCs: chunks are
+    cut at part boundaries into segments, the segments of each part combined, then the CRC of
+    the concatenated big-endian part CRCs taken, with "-N" appended.
+    """
+
+    def __init__(self, cs: Checksum, size: int, chunk: int, part_size: int | None) -> None:
+        fn = crc.compute_fn(cs.algorithm)
+        assert fn is not None
+        self.algorithm = cs.algorithm
+        self._fn = fn
+        self._size = size
+        self._chunk = chunk
+        self._part_size = part_size
+        self._nchunks = max(1, (size + chunk - 1) // chunk)
+        self._crcs: list[list[int] | None] = [None] * self._nchunks
+        self._lock = threading.Lock()
+        self.want = _crc_value(cs)
+        if part_size is not None:
+            self.want += f"-{max(1, (size + part_size - 1) // part_size)}"
+
+    def segments(self, index: int) -> list[tuple[int, int]]:
+        start = index * self._chunk
+        end = min(start + self._chunk, self._size)
+        if self._part_size is None:
+            return [(start, end)]
+        out: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            cut = min(end, (pos // self._part_size + 1) * self._part_size)
+            out.append((pos, cut))
+            pos = cut
+        return out or [(start, end)]
+
+    def feeder(self, index: int) -> _ChunkCrc:
+        return _ChunkCrc(self._fn, self.segments(index))
+
+    def store(self, index: int, values: list[int]) -> None:
+        with self._lock:
+            self._crcs[index] = list(values)
+
+    def from_file(self, index: int, fd: int) -> None:
+        """The chunk's CRCs from the part file (pread into a reused buffer; a short read
+        leaves them unknown, which fails the check)."""
+        feed = self.feeder(index)
+        buf = bytearray(min(1 << 20, self._chunk))
+        view = memoryview(buf)
+        for start, end in feed._segments:
+            pos = start
+            while pos < end:
+                n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+                if n <= 0:
+                    log.warning("part file shrank while being verified (at byte %d)", pos)
+                    return
+                feed.update(pos, view[:n])
+                pos += n
+        if feed.complete():
+            self.store(index, feed.values)
+
+    def result(self) -> str | None:
+        """The CRC in the store's form, or None if a chunk's CRC is missing."""
+        with self._lock:
+            if any(v is None for v in self._crcs):
+                return None
+            pieces = [
+                (crc_value, end - start)
+                for i, values in enumerate(self._crcs)
+                if values is not None
+                for (start, end), crc_value in zip(self.segments(i), values, strict=True)
+            ]
+        alg = self.algorithm
+        if self._part_size is None:
+            total, _ = pieces[0]
+            for value, length in pieces[1:]:
+                total = crc.combine(alg, total, value, length)
+            return crc.encode(alg, total)
+        # Composite: combine the segments of each part, then the CRC of the part CRCs.
+        parts: list[int] = []
+        pos = 0
+        for value, length in pieces:
+            if pos % self._part_size == 0:
+                parts.append(value)
+            else:
+                parts[-1] = crc.combine(alg, parts[-1], value, length)
+            pos += length
+        width = crc.width_bytes(alg)
+        joined = b"".join(p.to_bytes(width, "big") for p in parts)
+        return f"{crc.encode(alg, self._fn(joined, 0))}-{len(parts)}"
+
+
+def _usable_crc(info: ObjectInfo) -> tuple[Checksum, int | None] | None:
+    """(checksum, None) for a full-object CRC, (checksum, number of parts) for a composite
+    one, or None when there is none we can compute or it is ambiguous: a multipart object's
+    CRC32/CRC32C whose type the store does not give (moto says nothing for its composite
+    ones) is not trusted; CRC64NVME is full-object by definition."""
+    cs = info.checksum
+    if cs is None or not crc.supported(cs.algorithm):
+        return None
+    _, dash, suffix = cs.value.partition("-")
+    etag = _clean_etag(info.etag)
+    multipart = bool(_MD5_RE.match(etag)) and "-" in etag
+    if dash or cs.type == "COMPOSITE":
+        if suffix.isdigit():
+            return cs, int(suffix)
+        if multipart:
+            return cs, int(etag.split("-")[1])
+        return None
+    if cs.type == "FULL_OBJECT" or cs.algorithm == "crc64nvme":
+        return cs, None
+    if multipart or "-" in etag:
+        return None
+    return cs, None
+
+
+def _crc_value(cs: Checksum) -> str:
+    """The base64 CRC without a composite "-N" suffix."""
+    return cs.value.partition("-")[0]
 
 
 def _plain_md5(etag: str) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -25,6 +25,10 @@ class Progress:
     eta: float | None
     last_error: str | None
     elapsed: float
+    #: Files verified so far, by check: "crc64nvme", "crc32c", "crc32" (the store's CRC,
+    #: computed per chunk), "md5" (ETag or multipart ETag), "size-only" (nothing else offered,
+    #: verification off, or a local copy).
+    checks: Mapping[str, int] = field(default_factory=dict)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -56,6 +60,8 @@ class CopyResult:
     bytes_resumed: int = 0
     elapsed: float = 0.0
     errors: list[FileError] = field(default_factory=list)
+    #: Files copied by this run, by the check that verified them (see Progress.checks).
+    checks: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +77,14 @@ class CopyResult:
         if self.bytes_resumed:
             text += f" ({_human(self.bytes_resumed)} reused from an interrupted run)"
         return text + f" in {self.elapsed:.1f}s ({rate:.1f} MiB/s)"
+
+    def checks_text(self) -> str:
+        """Which check verified how many files, e.g. "crc64nvme 1, md5 3" ("none")."""
+        return checks_text(self.checks)
+
+
+def checks_text(checks: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(checks.items())) or "none"
 
 
 def _human(n: float) -> str:
@@ -97,6 +111,11 @@ class ProgressTracker:
         self.files_done = 0
         self.files_total = 0
         self.last_error: str | None = None
+        self.checks: dict[str, int] = {}
+
+    def add_check(self, kind: str) -> None:
+        with self._lock:
+            self.checks[kind] = self.checks.get(kind, 0) + 1
 
     def add_bytes(self, n: int) -> None:
         with self._lock:
@@ -133,6 +152,7 @@ class ProgressTracker:
                 eta=eta,
                 last_error=self.last_error,
                 elapsed=now - self._start,
+                checks=dict(self.checks),
             )
 
     def maybe_emit(self, force: bool = False) -> None:

@@ -34,6 +34,28 @@ class NoCredentialsError(Exception):
         )
 
 
+#: Full-object checksums the engine can compute in parallel (per chunk, then combined), in
+#: order of preference; x-amz-checksum-ALGORITHM response headers. SHA-1/SHA-256 are
+#: sequential like MD5 and slower: not used.
+CRC_ALGORITHMS = ("crc64nvme", "crc32c", "crc32")
+
+#: Request header that makes S3 return the stored x-amz-checksum-* headers (HEAD, whole GET).
+CHECKSUM_MODE = ("x-amz-checksum-mode", "ENABLED")
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """A checksum the store keeps for a whole object (`x-amz-checksum-*`)."""
+
+    #: One of CRC_ALGORITHMS.
+    algorithm: str
+    #: Base64 of the big-endian CRC as the store returned it; a composite multipart checksum
+    #: (a CRC of the part CRCs) ends with "-N", N the number of parts.
+    value: str
+    #: "FULL_OBJECT", "COMPOSITE", or "" when the store did not say (moto, older S3 answers).
+    type: str = ""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -42,6 +64,28 @@ class ObjectInfo:
     last_modified: float = 0.0
     #: User metadata with lower-cased keys (servers differ in the case they return).
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: The stored full-object CRC, when the store returned one (HEAD or whole GET asked with
+    #: CHECKSUM_MODE); never set from a ranged GET.
+    checksum: Checksum | None = None
+
+
+def checksum_from_headers(headers: Mapping[str, str]) -> Checksum | None:
+    """The preferred CRC among lower-cased response headers, or None."""
+    for alg in CRC_ALGORITHMS:
+        value = headers.get(f"x-amz-checksum-{alg}", "").strip()
+        if value:
+            return Checksum(alg, value, headers.get("x-amz-checksum-type", "").strip().upper())
+    return None
+
+
+def checksum_from_boto3(response: Mapping[str, object]) -> Checksum | None:
+    """The preferred CRC of a boto3 head_object / get_object response, or None."""
+    for alg in CRC_ALGORITHMS:
+        value = response.get(f"Checksum{alg.upper()}")
+        if isinstance(value, str) and value.strip():
+            kind = response.get("ChecksumType")
+            return Checksum(alg, value.strip(), kind.upper() if isinstance(kind, str) else "")
+    return None
 
 
 @dataclass(frozen=True)

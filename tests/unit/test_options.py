@@ -42,7 +42,7 @@ def test_unknown_option_is_named_and_valid_ones_listed() -> None:
     with pytest.raises(InvalidOptionError) as err:
         check_options("local", {"sise": "10G"}, LocalBackend.option_specs)
     assert "unknown option 'sise'" in str(err.value)
-    assert "valid options: backend, gid, mode, path, readonly, uid" in str(err.value)
+    assert "valid options: backend, gid, mode, path, readonly, size, uid" in str(err.value)
 
 
 @pytest.mark.parametrize("key", ["secret_key", "access_key_id", "password", "aws_session_token"])
