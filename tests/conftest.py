@@ -26,3 +26,11 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped under CI=true, which hides a missing install step: {reason}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests that build S3 backends in this process may leave the FUSE launcher (a module-level
+    fork server) running; stop it so no process or socket outlives the run."""
+    from plugin.backends import fuseproc
+
+    fuseproc.launcher.stop()

@@ -67,6 +67,9 @@ class Backend(ABC):
     def housekeeping(self) -> None:
         """After a daemon restart, once: backend-wide cleanup such as emptying trash."""
 
+    def close(self) -> None:
+        """The driver is closing: release helpers (processes, sockets); volumes stay."""
+
     def leftover_names(self) -> list[str]:
         """Names whose data a Create interrupted before its record was written (the driver
         then calls `discard_leftover` for each it has no record of, under the name's lock)."""

@@ -141,6 +141,10 @@ class S3Backend(Backend):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stop the FUSE launcher; the FUSE processes it forked keep serving their volumes."""
+        fuseproc.launcher.stop()
+
     def housekeeping(self) -> None:
         """At daemon start (in the background): start the FUSE launcher, so that even the
         first Mount forks a process that has its imports done. Not for a daemon without S3

@@ -377,6 +377,11 @@ class VolumeDriver:
                         log.exception("deleting the leftover data directory of %s failed", name)
 
     def close(self) -> None:
+        for backend in self._backends.values():
+            try:
+                backend.close()
+            except Exception:
+                log.exception("closing backend %s failed", backend.kind)
         self._store.close()
 
 
