@@ -409,6 +409,9 @@ class _Volume:
         self.out_rerun = False
         self.cancel = threading.Event()  # set by Remove: stop every job of this volume
         self.last_persist = 0.0
+        #: `dir_markers=auto` as the stage-out server answered, asked once per daemon run
+        #: (the probe costs four requests; a server does not change its mind between runs).
+        self.probed_markers: bool | None = None
 
     def stage_in_running(self) -> bool:
         """The job's outcome is not recorded yet (its thread may linger a moment after)."""
@@ -916,10 +919,14 @@ class Stager:
         config = vol.config
         markers = config.dir_markers
         if markers is None and dst.startswith("s3://"):
-            from plugin import s3client
+            if vol.probed_markers is None:
+                from plugin import s3client
 
-            bucket, _, prefix = dst[len("s3://") :].partition("/")
-            markers = s3client.resolve_dir_markers(None, self._s3_settings(config), bucket, prefix)
+                bucket, _, prefix = dst[len("s3://") :].partition("/")
+                vol.probed_markers = s3client.resolve_dir_markers(
+                    None, self._s3_settings(config), bucket, prefix
+                )
+            markers = vol.probed_markers
         options = CopyOptions(
             jobs=4,
             preserve_owner=True if config.preserve_owner else None,
