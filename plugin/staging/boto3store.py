@@ -32,6 +32,10 @@ def _meta(raw: Mapping[str, str] | None) -> dict[str, str]:
     return {k.lower(): v for k, v in (raw or {}).items()}
 
 
+class DeleteFailedError(Exception):
+    """DeleteObjects answered 200 but listed keys it could not delete."""
+
+
 class Boto3Store:
     """ObjectStore on a boto3 client (botocore's own retries off: the engine retries)."""
 
@@ -191,6 +195,22 @@ class Boto3Store:
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        if not keys:
+            return
+        if len(keys) > 1000:
+            raise ValueError("DeleteObjects takes at most 1,000 keys")
+        r = self._client.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+        )
+        errors = r.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise DeleteFailedError(
+                f"{len(errors)} of {len(keys)} deletes failed, first {first.get('Key')!r}: "
+                f"{first.get('Code')} {first.get('Message', '')}".rstrip()
+            )
 
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, botocore.exceptions.IncompleteReadError | ConnectionError):

@@ -494,6 +494,9 @@ class CrtStore:
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self._fallback().abort_multipart(bucket, key, upload_id)
 
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        self._fallback().delete_many(bucket, keys)
+
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, CrtRequestError):
             if exc.status >= 500 or exc.status in (408, 429):

@@ -148,6 +148,10 @@ class ObjectStore(Protocol):
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None: ...
 
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        """Delete up to 1,000 objects; raises if the request or any one key failed."""
+        ...
+
     def is_transient(self, exc: BaseException) -> bool:
         """True if the same request may succeed later."""
         ...
