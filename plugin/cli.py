@@ -92,9 +92,11 @@ def add_volume_parser(commands: Any) -> None:
 
 
 def run_resize(args: argparse.Namespace) -> int:
-    from plugin.backends.quota import LoopImage, SizeLimitError, human, parse_volume_size
+    from plugin.backends.local import volume_dir_of
+    from plugin.backends.quota import LoopImage, SizeLimitError, parse_volume_size
     from plugin.errors import InvalidNameError
-    from plugin.names import encode_name, validate_name
+    from plugin.names import validate_name
+    from plugin.units import format_bytes as human
 
     def fail(message: str) -> int:
         print(f"stowage volume resize: {message}", file=sys.stderr)
@@ -105,7 +107,7 @@ def run_resize(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     try:
-        volume_dir = args.root / "volumes" / encode_name(validate_name(args.name))
+        volume_dir = volume_dir_of(args.root, validate_name(args.name))
     except InvalidNameError as exc:
         return fail(str(exc))
     image = LoopImage(volume_dir)
@@ -134,12 +136,13 @@ def _mount_size_limited(root: Path, name: str) -> None:
     """A size-limited volume's data is in its image: mount it on the data directory if it is
     not (after a reboot, before the daemon ran), or backup would read, and restore write,
     the empty directory beneath it."""
+    from plugin.backends.local import volume_dir_of
     from plugin.backends.quota import LoopImage, SizeLimitError
     from plugin.errors import InvalidNameError, PluginError
-    from plugin.names import encode_name, validate_name
+    from plugin.names import validate_name
 
     try:
-        image = LoopImage(root / "volumes" / encode_name(validate_name(name)))
+        image = LoopImage(volume_dir_of(root, validate_name(name)))
     except InvalidNameError:  # pragma: no cover - volume_data_dir validated it
         return
     if image.exists():

@@ -63,13 +63,16 @@ def check_socket_path(path: str) -> None:
     raise ServeError(f"another process is already serving on {path}; stop it first")
 
 
-def _gunicorn_logconfig(level: str) -> dict[str, Any]:
+def _gunicorn_logconfig(level: str, log_format: str = "text") -> dict[str, Any]:
     """gunicorn logs to stderr by default, which dockerd reports as ERROR; use stdout."""
     handler = {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout"}
+    formatter: dict[str, Any] = (
+        {"()": "plugin.logs.JsonFormatter"} if log_format == "json" else {"format": LOG_FORMAT}
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "formatters": {"plain": formatter},
         "handlers": {"stdout": handler},
         "root": {"level": level.upper(), "handlers": ["stdout"]},
         "loggers": {
@@ -83,6 +86,7 @@ class PluginServer(BaseApplication):  # type: ignore[misc]  # untyped base class
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.driver: Any = None
+        self.metrics: Any = None
         #: Request paths answered from memory, run apart from slow ones by PluginWorker.
         self.quick_paths: frozenset[str] = frozenset()
         super().__init__()
@@ -100,7 +104,9 @@ class PluginServer(BaseApplication):  # type: ignore[misc]  # untyped base class
             "umask": 0o117,
             "proc_name": "stowage",
             "preload_app": False,
-            "logconfig_dict": _gunicorn_logconfig(self.settings.log_level),
+            "logconfig_dict": _gunicorn_logconfig(
+                self.settings.log_level, self.settings.log_format
+            ),
             "accesslog": None,
             "control_socket_disable": True,
             "worker_exit": self._worker_exit,
@@ -115,23 +121,50 @@ class PluginServer(BaseApplication):  # type: ignore[misc]  # untyped base class
         from plugin.api import create_app, protocol
         from plugin.wiring import build_driver
 
-        setup_logging(self.settings.log_level)
+        setup_logging(self.settings.log_level, self.settings.log_format)
         self.driver = build_driver(self.settings)
+        instrument = None
+        if self.settings.metrics is not None:
+            from plugin.wiring import build_metrics
+
+            self.metrics = build_metrics(self.settings, self.driver)
+            self.metrics.serve(self.settings.metrics)
+            instrument = self.metrics.requests.wrap
         threading.Thread(target=self.driver.recover, name="recovery", daemon=True).start()
         self.quick_paths = protocol.QUICK_ENDPOINTS
-        return create_app(self.driver)
+        return create_app(self.driver, instrument)
 
     def _worker_exit(self, _server: Any, _worker: Any) -> None:
         # Mounts are deliberately left in place: containers keep using them across a restart.
+        if self.metrics is not None:
+            self.metrics.close()
         if self.driver is not None:
             self.driver.close()
 
 
 def serve(settings: Settings) -> None:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     socket_dir = settings.socket_path.parent
     socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     check_socket_path(str(settings.socket_path))
+    if settings.metrics is not None:
+        from plugin.metrics import MetricsError, check_address
+
+        try:
+            check_address(settings.metrics)
+        except MetricsError as exc:
+            raise ServeError(str(exc)) from None
+    if settings.stage_cache is not None:
+        # Checked before serving: a worker that cannot start would be restarted forever.
+        from plugin.errors import PluginError
+        from plugin.wiring import build_stage_cache
+
+        try:
+            cache = build_stage_cache(settings)
+        except PluginError as exc:
+            raise ServeError(str(exc)) from None
+        if cache is not None:
+            cache.close()
     log.info(
         "stowage serving on %s, root %s, allowed paths: %s",
         settings.socket_path,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -18,12 +20,19 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1024 * 1024
 
 
-def create_app(driver: VolumeDriver) -> Flask:
+#: Wraps the WSGI app to observe every request (plugin.metrics.RequestMetrics.wrap); given the
+#: protocol's endpoint paths, so anything else can be told apart.
+Instrument = Callable[[Any, Iterable[str]], Any]
+
+
+def create_app(driver: VolumeDriver, instrument: Instrument | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions["stowage.driver"] = driver
     app.register_blueprint(bp)
     _register_error_handlers(app)
+    if instrument is not None:
+        app.wsgi_app = instrument(app.wsgi_app, protocol.ENDPOINTS)  # type: ignore[method-assign]
     return app
 
 

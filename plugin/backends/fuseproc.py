@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from plugin.backends import mounts
+from plugin.logs import child_log_arguments
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class LauncherError(Exception):
 
 #: The command line of a FUSE process; the launcher runs the same `main` with the rest.
 FUSEFS_COMMAND = [sys.executable, "-m", "plugin.fusefs"]
+#: File name, in a volume's state directory, of its FUSE process's counters.
+STATS_FILE = "fuse.stats.json"
 #: Seconds a Mount waits for a starting launcher (its imports) before spawning instead.
 LAUNCHER_START_TIMEOUT_S = 10.0
 #: Seconds for the launcher to answer a request (a fork: milliseconds).
@@ -307,6 +310,9 @@ class FuseProcess:
         #: The command line it was started with, NUL-separated like /proc/PID/cmdline (a
         #: forked process's own cmdline is the launcher's). Never holds credentials.
         self.argv_file = state_dir / "fuse.argv"
+        #: Its counters for the daemon's metrics (plugin.fusefs.stats), rewritten every few
+        #: seconds while it runs.
+        self.stats_file = state_dir / STATS_FILE
 
     def recorded(self) -> ProcessRef | None:
         try:
@@ -359,6 +365,8 @@ class FuseProcess:
         if self.log_file.exists():
             os.replace(self.log_file, self.log_file.with_suffix(".log.1"))
         self.exit_file.unlink(missing_ok=True)
+        if argv[: len(FUSEFS_COMMAND)] == FUSEFS_COMMAND:
+            argv = [*argv, "--stats-file", str(self.stats_file), *child_log_arguments()]
         self.argv_file.write_text("\0".join([*argv, str(self.mountpoint)]))
         read_end, write_end = os.pipe()
         try:

@@ -12,22 +12,16 @@ it is opened beneath the allowed root that holds it with nothing beneath that ro
 `<root>/mounts/<encoded name>` (or under the managed plugin's mount root). Read-only binds of
 managed volumes are made the same way.
 
-Remove on a full filesystem: the volume directory is renamed into `<root>/trash` (made at start,
-so the rename needs no new block) or, when even that cannot be done, deleted where it is; either
-way nothing on the way to freeing the space needs free space (the state side is in
-plugin/driver/state.py: its reserve file).
+Remove renames the volume directory into `<root>/trash` before deleting it, and an interrupted
+Create leaves a directory the next start deletes: both in plugin/backends/volumedirs.py.
 
 Size-limited volumes (`size=`): the data directory is the mount point of an ext4 image beside
 it, `<root>/volumes/<encoded name>/image` (plugin/backends/quota.py). Create formats and mounts
 it, Mount and recovery mount it again where it is missing (before Docker binds the directory),
-and `_discard` unmounts and detaches it before the directory is deleted.
+and Remove unmounts and detaches it before the directory is deleted.
 
-Leftovers: Create makes the directory first and the driver records the volume after it (a
-record never names a directory that is not there), so a crash in between leaves a directory with
-no record. Such a directory holds an empty data directory; it is deleted at the next start (the
-driver asks, see `leftover_names`) or by the next Create of the name, never reused. A directory
-with no record whose data directory is *not* empty was not left by a Create (a replaced or lost
-state database?): it is kept, and Create of that name refuses with what to do.
+Staged volumes (`stage_in=`, `stage_out=`) are managed volumes with the hooks of
+plugin/backends/staged/ called at Create, Mount, Unmount, Remove, Status and recovery.
 """
 
 from __future__ import annotations
@@ -36,33 +30,42 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import stat
-import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from plugin.backends import mounts
+from plugin.backends import mounts, quota, staged
 from plugin.backends.base import Backend
 from plugin.backends.credentials import CredentialsFile
-from plugin.backends.quota import (
-    LOST_FOUND,
-    LoopImage,
-    SizeLimitError,
-    parse_volume_size,
-    unsupported_reason,
-)
-from plugin.backends.staging import OPTION_SPECS as STAGING_OPTION_SPECS
-from plugin.backends.staging import Stager
+from plugin.backends.staged.jobs import DEFAULT_JOBS
+from plugin.backends.volumedirs import VolumeDirs
 from plugin.confined import Tree, UnsafePathError
 from plugin.errors import BackendError, InvalidOptionError, MountError, PluginError
-from plugin.names import decode_name, encode_name
+from plugin.names import encode_name
 from plugin.options import OptionSpec, parse_bool, parse_id, parse_mode
 from plugin.records import VolumeRecord
+from plugin.staging.objcache import ObjectCache
 
 log = logging.getLogger(__name__)
+
+
+#: Where managed volumes live under the daemon's root: `<root>/volumes/<encoded name>/data`.
+VOLUMES_DIR = "volumes"
+
+
+def volume_dir_of(root: Path, name: str) -> Path:
+    """The directory of managed volume *name* under the daemon's *root*: its data and, for a
+    size-limited volume, its image."""
+    return root / VOLUMES_DIR / encode_name(name)
+
+
+def data_path_of(root: Path, record: VolumeRecord) -> Path:
+    """Where the files of local volume *record* live on the host, for the daemon and for tools
+    that run without it (`stowage volume backup`): the one place that knows the layout."""
+    if "path" in record.options:
+        return Path(record.options["path"])
+    return volume_dir_of(root, record.name) / "data"
 
 
 def _check_abs_path(value: str) -> str:
@@ -94,13 +97,13 @@ class LocalBackend(Backend):
                 "size",
                 "cap the volume's data, e.g. 10G: writes past it fail with ENOSPC (a loop-mounted "
                 "ext4 image; grow it with `stowage volume resize`)",
-                parse_volume_size,
+                quota.parse_volume_size,
             ),
         )
     }
     #: Staging (stage_in, stage_out, ...) is a layer over managed local volumes: its own table.
     extra_option_specs: ClassVar[Mapping[str, OptionSpec]] = {
-        spec.name: spec for spec in STAGING_OPTION_SPECS
+        spec.name: spec for spec in staged.OPTION_SPECS
     }
 
     def __init__(
@@ -110,36 +113,46 @@ class LocalBackend(Backend):
         mount_root: Path | None = None,
         credentials: CredentialsFile | None = None,
         s3_defaults: Mapping[str, str] | None = None,
+        staging_jobs: int = DEFAULT_JOBS,
+        stage_cache: ObjectCache | None = None,
     ) -> None:
         """`mount_root` set (a managed plugin's PropagatedMount): every volume is handed to
         Docker as a bind under it, since paths elsewhere are invisible to dockerd. Unset
         (legacy plugin): Docker gets a managed volume's data directory itself, and binds
-        (`path=` volumes, read-only volumes) go to `<root>/mounts`."""
+        (`path=` volumes, read-only volumes) go to `<root>/mounts`. `staging_jobs`: parallel
+        file copies of each stage-in or stage-out; `stage_cache`: the host-wide cache of
+        objects staged in (`--stage-cache`)."""
         super().__init__(root)
         self.allowed_paths = tuple(Path(os.path.realpath(p)) for p in allowed_paths)
-        self.volumes_dir = root / "volumes"
+        self.volumes_dir = root / VOLUMES_DIR
         self.always_bind = mount_root is not None
         self.mounts_dir = mount_root if mount_root is not None else root / "mounts"
         self.trash_dir = root / "trash"
-        self.stager = Stager(root, self._resolve_allowed, credentials, room=self._room)
+        self.dirs = VolumeDirs(self.volumes_dir, self.trash_dir)
+        self.stager = staged.Stager(
+            root,
+            self._resolve_allowed,
+            credentials,
+            room=self._room,
+            jobs=staging_jobs,
+            object_cache=stage_cache,
+        )
         self.s3_defaults = dict(s3_defaults or {})
 
     # -- paths ---------------------------------------------------------------------------------
 
     def _volume_dir(self, record: VolumeRecord) -> Path:
-        return self.volumes_dir / encode_name(record.name)
+        return volume_dir_of(self.root, record.name)
 
     def data_path(self, record: VolumeRecord) -> Path:
         """Where the volume's files live on the host."""
-        if "path" in record.options:
-            return Path(record.options["path"])
-        return self._volume_dir(record) / "data"
+        return data_path_of(self.root, record)
 
-    def _image(self, record: VolumeRecord) -> LoopImage | None:
+    def _image(self, record: VolumeRecord) -> quota.LoopImage | None:
         """The loop image of a size-limited (`size=`) volume; None for other volumes."""
         if "size" not in record.options or "path" in record.options:
             return None
-        return LoopImage(self._volume_dir(record))
+        return quota.LoopImage(self._volume_dir(record))
 
     def _mount_image(self, record: VolumeRecord, error: type[PluginError]) -> None:
         """Mount a size-limited volume's image on its data directory unless it is there."""
@@ -149,12 +162,12 @@ class LocalBackend(Backend):
         try:
             if image.mount():
                 log.info("mounted the image of size-limited volume %s", record.name)
-        except (SizeLimitError, OSError) as exc:
+        except (quota.SizeLimitError, OSError) as exc:
             raise error(f"cannot mount the image of volume {record.name!r}: {exc}") from None
 
     def _room(self, name: str) -> tuple[int, int] | None:
         """For staging: (bytes available, bytes used) in a size-limited volume, else None."""
-        image = LoopImage(self.volumes_dir / encode_name(name))
+        image = quota.LoopImage(volume_dir_of(self.root, name))
         if not image.exists():
             return None
         usage = image.usage()
@@ -231,7 +244,7 @@ class LocalBackend(Backend):
                 raise InvalidOptionError(
                     "size= applies to managed volumes only, not to path= host directories"
                 )
-            reason = unsupported_reason()
+            reason = quota.unsupported_reason()
             if reason:
                 raise InvalidOptionError(f"option size={options['size']!r}: {reason}")
         if "path" in options:
@@ -272,7 +285,7 @@ class LocalBackend(Backend):
                 self._apply_ownership(record, tree)
             return
         volume_dir = self._volume_dir(record)
-        data = volume_dir / "data"
+        data = self.data_path(record)
         # The driver calls create only for a name it has no record of, so a directory there
         # was not made for this record: never reuse it (it would hand old files to a new volume).
         if not self.discard_leftover(record.name):
@@ -293,19 +306,19 @@ class LocalBackend(Backend):
             self._apply_ownership(record, tree)
         self.stager.created(record, data, self._volume_dir(record))
 
-    def _create_image(self, record: VolumeRecord, image: LoopImage) -> None:
+    def _create_image(self, record: VolumeRecord, image: quota.LoopImage) -> None:
         """Format and mount the image of a new size-limited volume. On failure nothing is
         left mounted; the volume directory is left for the caller's leftover cleanup."""
-        size = parse_volume_size(record.options["size"])
+        size = quota.parse_volume_size(record.options["size"])
         try:
             image.create(size)
             image.mount()
             with self._open_managed(record, BackendError) as tree:
                 # A fresh ext4 has lost+found; Docker copies image content only into an
                 # *empty* volume, so it must go (fsck makes it again if it ever needs it).
-                tree.rmtree(LOST_FOUND)
-        except (SizeLimitError, OSError, BackendError) as exc:
-            with contextlib.suppress(SizeLimitError, OSError):
+                tree.rmtree(quota.LOST_FOUND)
+        except (quota.SizeLimitError, OSError, BackendError) as exc:
+            with contextlib.suppress(quota.SizeLimitError, OSError):
                 image.release()
             raise BackendError(
                 f"cannot create the {record.options['size']} image of volume {record.name!r}: {exc}"
@@ -415,101 +428,7 @@ class LocalBackend(Backend):
             return  # the host directory belongs to the user
         self.stager.remove(record, self.data_path(record), self._volume_dir(record))
         self._unbind(record)
-        self._discard(encode_name(record.name))  # releases the image of a size= volume first
-
-    def _discard(self, encoded: str) -> None:
-        """Delete `<root>/volumes/<encoded>` without needing free space (Remove is how a full
-        filesystem gets space back).
-
-        Normally it is renamed into the trash first, so it leaves its path atomically and the
-        deletion, which may take long, happens there. A rename needs no new block when the trash
-        directory exists (it is made at start) and has room for one more entry. Where the trash
-        cannot take it (ENOSPC making the trash or growing it, or any other failure) the tree is
-        deleted in place: deleting only frees space, and the volume's record is already marked
-        removing, so nothing serves the half-deleted tree meanwhile."""
-        try:
-            volumes = Tree.at(self.volumes_dir)
-        except FileNotFoundError:
-            return
-        self._release_image(encoded)
-        with volumes:
-            try:
-                volumes.lstat(encoded)
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                raise BackendError(
-                    f"cannot remove data directory {volumes.display(encoded)}: {exc.strerror}"
-                ) from exc
-            trashed = f"{encoded}.{uuid.uuid4().hex}"
-            try:
-                self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                with Tree.at(self.trash_dir) as trash:
-                    os.rename(encoded, trashed, src_dir_fd=volumes.fd, dst_dir_fd=trash.fd)
-            except OSError as exc:
-                log.warning(
-                    "cannot move %s into %s (%s): deleting it where it is",
-                    volumes.display(encoded),
-                    self.trash_dir,
-                    exc.strerror,
-                )
-                self._delete_in_place(volumes, encoded)
-                return
-        self._delete_tree(self.trash_dir / trashed)
-
-    def _release_image(self, encoded: str) -> None:
-        """Unmount and detach the image of a size-limited volume before its directory goes:
-        otherwise the deletion would walk into the mounted filesystem and could not remove it."""
-        image = LoopImage(self.volumes_dir / encoded)
-        if not image.exists() and not mounts.is_mountpoint(image.data):
-            return
-        try:
-            image.release()
-        except (SizeLimitError, OSError) as exc:
-            raise BackendError(f"cannot release the image {image.image}: {exc}") from None
-
-    def _delete_in_place(self, volumes: Tree, encoded: str) -> None:
-        failures: list[str] = []
-
-        def onerror(_func: object, failed: str, exc_info: object) -> None:
-            failures.append(failed)
-            log.warning("cannot delete %s: %s", failed, exc_info)
-
-        assert shutil.rmtree.avoids_symlink_attacks  # the fd-based walk (Linux)
-        # `onerror` is deprecated from 3.12 on in favour of `onexc`, which 3.11 lacks.
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(encoded, dir_fd=volumes.fd, onexc=onerror)
-        else:
-            shutil.rmtree(encoded, dir_fd=volumes.fd, onerror=onerror)
-        if failures:
-            raise BackendError(
-                f"cannot delete data directory {volumes.display(encoded)} ({len(failures)} "
-                f"entries left, first {failures[0]}); see the log"
-            )
-
-    def _delete_tree(self, path: Path) -> None:
-        """Delete the trash entry *path* (a direct child of the trash directory). A link there is
-        unlinked, never followed, and the tree is removed by shutil.rmtree's descriptor-based
-        walk relative to the trash directory, which never follows a link planted in the data."""
-
-        def onerror(_func: object, failed: str, exc_info: object) -> None:
-            log.warning("cannot delete %s: %s (left in %s)", failed, exc_info, self.trash_dir)
-
-        assert path.parent == self.trash_dir, path
-        assert shutil.rmtree.avoids_symlink_attacks  # the fd-based walk (Linux)
-        with Tree.at(self.trash_dir) as trash:
-            try:
-                st = os.stat(path.name, dir_fd=trash.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                os.unlink(path.name, dir_fd=trash.fd)
-                return
-            # `onerror` is deprecated from 3.12 on in favour of `onexc`, which 3.11 lacks.
-            if sys.version_info >= (3, 12):
-                shutil.rmtree(path.name, dir_fd=trash.fd, onexc=onerror)
-            else:
-                shutil.rmtree(path.name, dir_fd=trash.fd, onerror=onerror)
+        self.dirs.discard(encode_name(record.name))  # releases a size= volume's image first
 
     def status(self, record: VolumeRecord) -> dict[str, Any]:
         status: dict[str, Any] = {"data": str(self.data_path(record))}
@@ -536,81 +455,16 @@ class LocalBackend(Backend):
             self.unmount(record)
 
     def housekeeping(self) -> None:
-        if self.trash_dir.exists():
-            for leftover in self.trash_dir.iterdir():
-                log.info("deleting leftover of an interrupted Remove: %s", leftover)
-                self._delete_tree(leftover)
-        # Made now, while there is room: a Remove on a full filesystem can then still rename.
-        try:
-            self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning("cannot make the trash directory %s: %s", self.trash_dir, exc)
+        self.dirs.empty_trash()
 
     def leftover_names(self) -> list[str]:
         """Names that have a directory under `<root>/volumes`. At start the driver passes those
         it has no record of to `discard_leftover`, holding each name's lock."""
-        try:
-            with Tree.at(self.volumes_dir) as volumes:
-                entries = volumes.scandir("")
-        except FileNotFoundError:
-            return []
-        names = []
-        for entry, _st in entries:
-            name = decode_name(entry)
-            if encode_name(name) != entry:
-                log.warning("ignoring %s: not a name stowage encodes", self.volumes_dir / entry)
-                continue
-            names.append(name)
-        return sorted(names)
+        return self.dirs.names()
 
     def discard_leftover(self, name: str) -> bool:
-        """Delete the directory of *name*, which has no record, if it is what an interrupted
-        Create leaves: a volume directory whose data directory is empty or missing. True if
-        there is no directory now; False if it was kept because its data directory holds files
-        (or is not a plain directory): those are not stowage's to delete (module docstring)."""
-        encoded = encode_name(name)
-        image = LoopImage(self.volumes_dir / encoded)
-        has_image = image.exists()
-        if has_image:
-            # A size-limited volume's files are in its image: look there, not underneath.
-            try:
-                image.mount()
-            except (SizeLimitError, OSError) as exc:
-                log.warning("keeping %s: its image cannot be mounted: %s", image.volume_dir, exc)
-                return False
-        try:
-            with Tree.beneath(self.volumes_dir, encoded) as vdir:
-                try:
-                    with vdir.subtree("data") as data:
-                        entries = [e for e, _st in data.scandir("")]
-                except FileNotFoundError:
-                    entries = []  # the crash came before the data directory was made
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            log.warning("keeping %s: %s", self.volumes_dir / encoded, exc)
-            return False
-        # A fresh image's lost+found: Create deletes it after mounting the image.
-        empty = not [e for e in entries if not (has_image and e == LOST_FOUND)]
-        if not empty and has_image:
-            with contextlib.suppress(SizeLimitError, OSError):
-                image.release()  # kept, but not served: not mounted either
-        if not empty:
-            log.warning(
-                "keeping %s: it holds files but stowage has no record of volume %r (was the "
-                "state database replaced?); move it elsewhere or delete it",
-                self.volumes_dir / encoded,
-                name,
-            )
-            return False
-        log.warning(
-            "deleting %s: left by a Create of volume %r that was interrupted before the "
-            "volume was recorded",
-            self.volumes_dir / encoded,
-            name,
-        )
-        self._discard(encoded)
-        return True
+        """Delete what an interrupted Create left of *name* (plugin.backends.volumedirs)."""
+        return self.dirs.discard_leftover(name)
 
 
 class _HostDirError(Exception):

@@ -45,6 +45,7 @@ from pathlib import Path
 from plugin.backends import mounts
 from plugin.confined import Tree
 from plugin.options import parse_size
+from plugin.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +323,9 @@ class LoopImage:
             old = self.image.stat().st_size
             if size < old:
                 raise SizeLimitError(
-                    f"cannot shrink from {human(old)} to {human(size)}: only growing is "
-                    "supported (ext4 cannot shrink while mounted, and a shrink below the data "
-                    "would lose files); copy the data to a new, smaller volume instead "
+                    f"cannot shrink from {format_bytes(old)} to {format_bytes(size)}: only "
+                    "growing is supported (ext4 cannot shrink while mounted, and a shrink below "
+                    "the data would lose files); copy the data to a new, smaller volume instead "
                     "(stowage volume backup, then restore)"
                 )
             self._mount_locked()
@@ -382,11 +383,3 @@ class LoopImage:
             with Tree.at(self.data) as tree:
                 if tree.is_dir(LOST_FOUND) and not tree.scandir(LOST_FOUND):
                     tree.rmtree(LOST_FOUND)  # made by e2fsck; the volume had none (copy-up)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

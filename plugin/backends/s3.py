@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from plugin.backends import fuseproc
+from plugin.atomic import write_atomically
+from plugin.backends import fuseproc, reach
 from plugin.backends.base import Backend
 from plugin.backends.credentials import CredentialsFile
 from plugin.backends.fuseproc import FuseProcess, FuseStartError
@@ -34,36 +35,24 @@ from plugin.options import (
     parse_size,
 )
 from plugin.records import VolumeRecord
+from plugin.units import parse_seconds
 
 log = logging.getLogger(__name__)
 
-#: Create checks the endpoint and bucket with these short limits, well inside Docker's 2 min.
-CHECK_CONNECT_TIMEOUT_S = 3.0
-CHECK_READ_TIMEOUT_S = 5.0
 #: How long Mount waits for the FUSE process; under the 30 s managed-plugin client timeout.
 MOUNT_TIMEOUT_S = 25.0
 #: How long Unmount waits for dirty data to upload; Docker gives Unmount one minute.
 UNMOUNT_TIMEOUT_S = 50.0
 
 
-def parse_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 <= seconds <= 86400:
-        raise ValueError("expected between 0 and 86400 seconds")
-    return seconds
-
-
-def _check_bucket(value: str) -> str:
-    return check_bucket_name(value)
+def _check_metadata_ttl(value: str) -> float:
+    return parse_seconds(value, 0, 86400, "metadata is cached at most a day")
 
 
 def _check_dir_markers(value: str) -> str:
-    from plugin import s3client
+    from plugin.s3 import markers
 
-    return s3client.check_dir_markers(value)
+    return markers.check_dir_markers(value)
 
 
 class S3Backend(Backend):
@@ -71,7 +60,7 @@ class S3Backend(Backend):
     option_specs: ClassVar[Mapping[str, OptionSpec]] = {
         spec.name: spec
         for spec in (
-            OptionSpec("bucket", "bucket name (required)", _check_bucket),
+            OptionSpec("bucket", "bucket name (required)", check_bucket_name),
             OptionSpec(
                 "prefix", "key prefix the volume is rooted at (default: the bucket)", check_text
             ),
@@ -89,7 +78,9 @@ class S3Backend(Backend):
                 _check_dir_markers,
             ),
             OptionSpec(
-                "metadata_ttl", "seconds to cache object metadata (default 10)", parse_seconds
+                "metadata_ttl",
+                "seconds to cache object metadata (default 10)",
+                _check_metadata_ttl,
             ),
             OptionSpec("cache_size", "data cache size cap, e.g. 2G (default 2G)", parse_size),
             OptionSpec(
@@ -163,68 +154,29 @@ class S3Backend(Backend):
         self._check_bucket_reachable(options)
 
     def _check_settings(self, options: Mapping[str, str]) -> Any:
-        from plugin import s3client
+        from plugin.s3.client import S3Settings
 
-        return s3client.S3Settings(
+        return S3Settings(
             endpoint_url=options.get("endpoint"),
             region=options.get("region"),
             profile=options.get("profile"),
             credentials_file=self._credentials(),
-            connect_timeout=CHECK_CONNECT_TIMEOUT_S,
-            read_timeout=CHECK_READ_TIMEOUT_S,
+            connect_timeout=reach.CONNECT_TIMEOUT_S,
+            read_timeout=reach.READ_TIMEOUT_S,
             max_attempts=1,
         )
 
     def _check_bucket_reachable(self, options: Mapping[str, str]) -> None:
-        import botocore.exceptions
-
-        from plugin import s3client
-
-        endpoint = options.get("endpoint") or "the default AWS endpoint"
-        bucket = options["bucket"]
-        where = f"bucket {bucket!r} at {endpoint}"
-        try:
-            client = s3client.make_s3_client(self._check_settings(options))
-            client.head_bucket(Bucket=bucket)
-        except botocore.exceptions.ProfileNotFound:
-            raise InvalidOptionError(
-                f"profile {options.get('profile')!r} not found in the daemon's AWS config or in "
-                f"{self.credentials}"
-            ) from None
-        except botocore.exceptions.NoCredentialsError:
-            raise InvalidOptionError(
-                f"no S3 credentials for {where}: give the daemon AWS_ACCESS_KEY_ID/"
-                f"AWS_SECRET_ACCESS_KEY, or a profile in {self.credentials} and "
-                "-o profile=NAME"
-            ) from None
-        except (
-            botocore.exceptions.EndpointConnectionError,
-            botocore.exceptions.ConnectTimeoutError,
-            botocore.exceptions.ReadTimeoutError,
-            botocore.exceptions.ConnectionClosedError,
-        ) as exc:
-            raise InvalidOptionError(f"cannot reach S3 endpoint {endpoint} ({exc})") from None
-        except botocore.exceptions.ClientError as exc:
-            code = s3client.error_code(exc)
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise InvalidOptionError(f"{where} does not exist") from None
-            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise InvalidOptionError(
-                    f"access to {where} denied ({code}); check the daemon's credentials or "
-                    "-o profile="
-                ) from None
-            raise InvalidOptionError(f"checking {where} failed: {exc}") from None
-        except ValueError as exc:  # e.g. an endpoint URL botocore cannot parse
-            raise InvalidOptionError(f"invalid S3 settings for {where}: {exc}") from None
+        reach.check_bucket_reachable(options["bucket"], options, self.credentials)
 
     def create(self, record: VolumeRecord) -> None:
         try:
             self._state_dir(record).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise BackendError(f"cannot create {self._state_dir(record)}: {exc.strerror}") from exc
-        from plugin import s3client
+        from plugin.s3.markers import parse_dir_markers
 
-        if s3client.parse_dir_markers(record.options.get("dir_markers", "auto")) is None:
+        if parse_dir_markers(record.options.get("dir_markers", "auto")) is None:
             self._server_dir_markers(record)
 
     # -- what the server can do ----------------------------------------------------------------
@@ -236,7 +188,8 @@ class S3Backend(Backend):
         """`dir_markers=auto`: whether the server keeps `dir/` markers, asked once (at Create,
         else at the first Mount that can ask) and kept in the volume's state directory.
         None: unknown (the FUSE process asks at its start)."""
-        from plugin import s3client
+        from plugin.s3.client import make_s3_client
+        from plugin.s3.markers import dir_markers_supported
 
         opts = record.options
         if parse_bool(opts.get("readonly", "false")):
@@ -247,23 +200,19 @@ class S3Backend(Backend):
             if isinstance(known, bool):
                 return known
         try:
-            client = s3client.make_s3_client(self._check_settings(opts))
-            supported = s3client.dir_markers_supported(
-                client, opts["bucket"], opts.get("prefix", "")
-            )
+            client = make_s3_client(self._check_settings(opts))
+            supported = dir_markers_supported(client, opts["bucket"], opts.get("prefix", ""))
         except Exception as exc:  # never fails Create: the mount asks again
             log.warning("S3 volume %r: cannot probe the server: %s", record.name, exc)
             return None
-        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"dir_markers": supported}) + "\n")
-            os.replace(tmp, path)
+            write_atomically(path, (json.dumps({"dir_markers": supported}) + "\n").encode())
         except OSError as exc:
             log.warning("S3 volume %r: cannot record the probe in %s: %s", record.name, path, exc)
         return supported
 
     def _argv(self, record: VolumeRecord) -> list[str]:
-        from plugin import s3client
+        from plugin.s3.markers import parse_dir_markers
 
         opts = record.options
         argv = [sys.executable, "-m", "plugin.fusefs", "--bucket", opts["bucket"]]
@@ -280,7 +229,7 @@ class S3Backend(Backend):
                 argv += [flag, opts[option]]
         if "umask" in opts:
             argv += ["--umask", format(parse_mode(opts["umask"]), "o")]
-        markers = s3client.parse_dir_markers(opts.get("dir_markers", "auto"))
+        markers = parse_dir_markers(opts.get("dir_markers", "auto"))
         if markers is None:
             markers = self._server_dir_markers(record)
         argv += ["--dir-markers", "auto" if markers is None else str(markers).lower()]
@@ -340,11 +289,11 @@ class S3Backend(Backend):
             self.mountpoint(record).rmdir()
 
     def _delete_objects(self, record: VolumeRecord) -> None:
-        from plugin import s3client
+        from plugin.s3.client import S3Settings, make_s3_client
 
         opts = record.options
-        client = s3client.make_s3_client(
-            s3client.S3Settings(
+        client = make_s3_client(
+            S3Settings(
                 endpoint_url=opts.get("endpoint"),
                 region=opts.get("region"),
                 profile=opts.get("profile"),

@@ -15,9 +15,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from plugin.backends.local import data_path_of
 from plugin.driver.archive import ArchiveError, ArchiveResult, extract_archive, write_archive
 from plugin.errors import PluginError
-from plugin.names import encode_name, validate_name
+from plugin.names import validate_name
 from plugin.staging.engine import CopyOptions, S3Options, copy
 from plugin.staging.locations import LocalLocation
 from plugin.staging.progress import CopyResult
@@ -62,11 +63,11 @@ def volume_data_dir(root: Path, name: str, *, for_restore: bool = False) -> Path
             f"volume {name!r} is in use by a container; stop it first (restoring under a "
             "running application corrupts its view of the data)"
         )
-    # Resolved now (the root is the admin's; a path= value was resolved at Create), so the
-    # data directory is opened with no symlink followed: one swapped in since is refused.
-    if "path" in record.options:
-        return Path(os.path.realpath(record.options["path"]))
-    return Path(os.path.realpath(root)) / "volumes" / encode_name(name) / "data"
+    # The local backend knows where a volume's files are. The root and a path= value (the
+    # admin's; resolved at Create) are resolved now, nothing beneath them: the data directory
+    # is then opened with no symlink followed, so one swapped in since is refused.
+    data = data_path_of(Path(os.path.realpath(root)), record)
+    return Path(os.path.realpath(data)) if "path" in record.options else data
 
 
 def _volume_location(data: Path) -> LocalLocation:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 from plugin.backends.base import Backend
@@ -301,6 +302,11 @@ class VolumeDriver:
 
     def capabilities(self) -> str:
         return SCOPE
+
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        """The backends by kind (read-only): for the metrics, which find their files."""
+        return MappingProxyType(self._backends)
 
     def _mountpoint(self, record: VolumeRecord) -> str:
         mountpoint = self._mountpoints.get(record.name)

@@ -37,6 +37,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plugin.atomic import write_atomically
 from plugin.errors import StateError
 from plugin.records import VolumeRecord
 
@@ -212,22 +213,11 @@ class StateStore:
         """Make the reserve file if it is missing and there is room (best effort)."""
         if self.reserve_path.exists():
             return
-        partial = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                # Written, not fallocated: blocks that are really used, even on filesystems
-                # that compress or lack fallocate. Random bytes, so compression cannot shrink it.
-                block = os.urandom(1 << 16)
-                for _ in range(RESERVE_BYTES // len(block)):
-                    os.write(fd, block)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(partial, self.reserve_path)
+            # Written, not fallocated: blocks that are really used, even on filesystems that
+            # compress or lack fallocate. Random bytes, so compression cannot shrink it.
+            write_atomically(self.reserve_path, os.urandom(RESERVE_BYTES))
         except OSError as exc:
-            with suppress(OSError):
-                partial.unlink()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.warning(
                     "no room for the state reserve file %s (the filesystem is full); "

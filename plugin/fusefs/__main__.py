@@ -28,16 +28,17 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from plugin import s3fast
-from plugin.fusefs import creds
-from plugin.fusefs.cache import PART_SIZE, DataCache, MiB, UploadConfig
+from plugin.fusefs.cache import PART_SIZE, DataCache, MiB
 from plugin.fusefs.fs import FsConfig, S3Filesystem
 from plugin.fusefs.inodes import Defaults
 from plugin.fusefs.operations import S3Operations
-from plugin.fusefs.store import LazyClient, ObjectStore
+from plugin.fusefs.stats import report_stats, write_stats
+from plugin.fusefs.store import LazyClient, ObjectStore, UploadConfig
 from plugin.fusefs.stream import STREAM_BUFFERS, STREAM_PART
-from plugin.logs import LEVELS, setup_logging
-from plugin.s3fast import FastPathError
+from plugin.logs import FORMATS, LEVELS, setup_logging
+from plugin.s3 import credentials as creds
+from plugin.s3 import fast as s3fast
+from plugin.s3.errors import FastPathError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write 'ready\\n' to this inherited fd once mounted, then close it",
     )
     p.add_argument("--log-level", choices=LEVELS, default="info")
+    p.add_argument("--log-format", choices=FORMATS, default="text")
+    p.add_argument(
+        "--stats-file",
+        type=Path,
+        help="write counters (bytes read and written, uploads) here as JSON every few seconds, "
+        "for the daemon's metrics",
+    )
     p.add_argument("--debug-fuse", action="store_true", help="libfuse request tracing")
     return p.parse_args(argv)
 
@@ -237,7 +245,7 @@ async def _handle_signals(fs: S3Filesystem, mountpoint: str) -> None:
 
 def _make_client(args: argparse.Namespace) -> Any:
     """Import boto3 and build the client. Blocking: a worker thread."""
-    from plugin import s3client
+    from plugin.s3 import client as s3client
 
     settings = s3client.S3Settings(
         endpoint_url=args.endpoint,
@@ -263,7 +271,7 @@ def _build_client(args: argparse.Namespace) -> tuple[Any, bool]:
 
 
 def _fast_connect(args: argparse.Namespace) -> s3fast.FastClient | None:
-    """The mount's hot path without botocore: static keys (plugin.fusefs.creds) and one
+    """The mount's hot path without botocore: static keys (plugin.s3.credentials) and one
     signed LIST of the prefix, which proves endpoint, bucket and keys as the boto3 check
     does. None whenever this path cannot answer (no endpoint, keys only botocore can find,
     a proxy, `--dir-markers auto` on a writable mount, any error): then boto3 is asked, and
@@ -308,11 +316,11 @@ def _dir_markers(args: argparse.Namespace, client: Any) -> bool:
         return bool(args.dir_markers == "true")
     if args.readonly:
         return True
-    from plugin import s3client
+    from plugin.s3 import markers
 
     try:
-        return s3client.dir_markers_supported(client, args.bucket, args.prefix)
-    except s3client.ProbeError as exc:
+        return markers.dir_markers_supported(client, args.bucket, args.prefix)
+    except markers.ProbeError as exc:
         log.warning("cannot tell whether the server keeps 'dir/' markers (%s); using them", exc)
         return True
 
@@ -373,6 +381,7 @@ async def _run(
     mountpoint: str,
     ready_fd: int | None,
     connect: Callable[[list[str], trio.Event], Awaitable[None]],
+    stats_file: Path | None = None,
 ) -> int:
     """Ready is signalled only once the bucket answered: a Mount with bad credentials or a
     dead endpoint then fails with S3's message in Docker's error, instead of handing the
@@ -386,6 +395,8 @@ async def _run(
         await connected.wait()
         if not startup_failed:
             nursery.start_soon(fs.retry_failed_uploads)
+            if stats_file is not None:
+                nursery.start_soon(report_stats, fs, stats_file)
             if ready_fd is not None:
                 try:
                     os.write(ready_fd, b"ready\n")
@@ -417,7 +428,7 @@ def _drop_temp_cache(cache: DataCache) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     for handler in logging.getLogger().handlers:
         handler.addFilter(OneLineFilter())
     # botocore's debug output (signatures, headers) drowns ours and costs CPU per request.
@@ -493,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         if temp_cache:
             _drop_temp_cache(cache)
         return 2
+    if args.stats_file is not None:
+        write_stats(args.stats_file, fs)  # no counters of a previous run survive this one
     try:
         status = trio.run(
             _run,
@@ -500,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             mountpoint,
             args.ready_fd,
             functools.partial(_connect, args, fs, store, lazy),
+            args.stats_file,
         )
     except BaseException:
         log.exception("filesystem loop failed")
@@ -509,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     cache.close_dir()
     if temp_cache:
         _drop_temp_cache(cache)
+    if args.stats_file is not None:
+        args.stats_file.unlink(missing_ok=True)  # a process that is gone counts nothing
     log.info("unmounted %s (status %d)", mountpoint, status)
     return status
 

@@ -18,8 +18,6 @@ Invariants (the S3 filesystem's data path relies on them):
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import fcntl
 import json
 import logging
@@ -28,18 +26,23 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
+from plugin.atomic import write_atomically
+from plugin.fusefs.entry import CacheEntry, Fetch, Ranges
 from plugin.fusefs.errors import FsError, RemoteError, StaleError, UploadFailedError
+from plugin.fusefs.stats import FuseStats
+from plugin.fusefs.store import ObjectStore, UploadConfig
 from plugin.fusefs.stream import STREAM_BUFFERS, STREAM_PART, BufferPool, MemPart, Stream
 
 if TYPE_CHECKING:
     from plugin.fusefs.inodes import Node
-    from plugin.fusefs.store import ObjectStore
+
+#: Names other modules import from here.
 
 log = logging.getLogger(__name__)
 
@@ -69,67 +72,6 @@ def _fetch_error(entry: CacheEntry, err: Exception) -> RemoteError:
     if isinstance(err, FsError):
         return RemoteError(str(err))
     return RemoteError(f"fetch of {entry.remote_key} failed: {err}")
-
-
-class Ranges:
-    """Sorted, merged, half-open byte ranges."""
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-
-    def __repr__(self) -> str:
-        return f"Ranges({list(zip(self._starts, self._ends, strict=True))})"
-
-    def as_list(self) -> list[tuple[int, int]]:
-        return list(zip(self._starts, self._ends, strict=True))
-
-    def add(self, start: int, end: int) -> None:
-        if start >= end:
-            return
-        # First range whose end reaches start, last range whose start reaches end.
-        i = bisect.bisect_left(self._ends, start)
-        j = bisect.bisect_right(self._starts, end)
-        if i < j:
-            start = min(start, self._starts[i])
-            end = max(end, self._ends[j - 1])
-        self._starts[i:j] = [start]
-        self._ends[i:j] = [end]
-
-    def clip(self, limit: int) -> None:
-        """Forget everything at or after *limit* (truncate)."""
-        i = bisect.bisect_left(self._ends, limit)
-        del self._starts[i + 1 :]
-        del self._ends[i + 1 :]
-        if i < len(self._starts):
-            if self._starts[i] >= limit:
-                del self._starts[i]
-                del self._ends[i]
-            else:
-                self._ends[i] = limit
-
-    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
-        """Gaps of `[start, end)` not covered by any range."""
-        gaps = []
-        pos = start
-        i = bisect.bisect_right(self._ends, start)
-        while pos < end and i < len(self._starts):
-            s, e = self._starts[i], self._ends[i]
-            if s >= end:
-                break
-            if s > pos:
-                gaps.append((pos, s))
-            pos = max(pos, e)
-            i += 1
-        if pos < end:
-            gaps.append((pos, end))
-        return gaps
-
-    def covers(self, start: int, end: int) -> bool:
-        if start >= end:
-            return True
-        i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and self._ends[i] >= end
 
 
 @dataclass
@@ -166,111 +108,6 @@ class ReadAhead:
         return seq
 
 
-@dataclass(eq=False)
-class Fetch:
-    """One ranged GET in flight into a cache file; `error` is set if it failed."""
-
-    start: int
-    end: int
-    done: trio.Event = field(default_factory=trio.Event)
-    error: Exception | None = None
-
-
-@dataclass(frozen=True)
-class UploadConfig:
-    multipart_threshold: int = 64 * MiB
-    part_size: int = 16 * MiB
-    concurrency: int = 4
-
-
-class CacheEntry:
-    """The local copy of one file's data (see the module invariants)."""
-
-    def __init__(
-        self, data_path: Path, *, remote_key: str | None, remote_size: int, remote_etag: str | None
-    ) -> None:
-        self.data_path = data_path
-        self.journal_path = data_path.with_suffix(".json")
-        self.fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.remote_key = remote_key
-        self.remote_size = remote_size
-        self.remote_etag = remote_etag
-        self.size = remote_size
-        os.ftruncate(self.fd, self.size)
-        self.present = Ranges()
-        self.dirty = False
-        #: Bumped by every change; an upload only clears `dirty` if nothing changed meanwhile.
-        self.generation = 0
-        self.upload_failed = False
-        self.lock = trio.Lock()
-        self.last_used = time.monotonic()
-        self.closed = False
-        #: Ranged GETs writing into `fd` right now (a handful at most).
-        self.fetches: list[Fetch] = []
-        #: Memory parts of a sequential reader (see stream.py); None when not streaming.
-        self.stream: Stream | None = None
-
-    def end_stream(self) -> None:
-        if self.stream is not None:
-            self.stream.drop_all()
-            self.stream.pool.trim()
-            self.stream = None
-
-    def close(self, *, keep_file: bool = False) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.end_stream()
-        if not keep_file:
-            for p in (self.data_path, self.journal_path):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        if not self.fetches:
-            self._close_fd()
-        # else: the last fetch closes it; a reused fd number would get its bytes otherwise.
-
-    def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def fetch_finished(self, fetch: Fetch) -> None:
-        self.fetches.remove(fetch)
-        fetch.done.set()
-        if self.closed and not self.fetches:
-            self._close_fd()
-
-    def overlapping(self, start: int, end: int) -> list[Fetch]:
-        return [f for f in self.fetches if f.start < end and f.end > start]
-
-    def uncovered(self, start: int, end: int) -> list[tuple[int, int]]:
-        """Gaps of `[start, end)` neither present nor being fetched."""
-        gaps = self.present.missing(start, end)
-        for f in self.fetches:
-            if not gaps:
-                break
-            out = []
-            for s, e in gaps:
-                if f.end <= s or f.start >= e:
-                    out.append((s, e))
-                    continue
-                if s < f.start:
-                    out.append((s, f.start))
-                if f.end < e:
-                    out.append((f.end, e))
-            gaps = out
-        return gaps
-
-    async def quiesce(self, start: int, end: int) -> None:
-        """Wait until no fetch writes into `[start, end)`. The caller must not await between
-        this and its own change of those bytes."""
-        while True:
-            busy = self.overlapping(start, end)
-            if not busy:
-                return
-            await busy[0].done.wait()
-
-
 class DataCache:
     """Owns the cache directory, the entries' local files and every data transfer."""
 
@@ -297,6 +134,8 @@ class DataCache:
         self._lock_fd: int | None = None
         #: Buffers for streamed reads; zero buffers turns streaming off.
         self.stream_pool = BufferPool(stream_part, stream_buffers)
+        #: Counters for the daemon's metrics (plugin.fusefs.stats).
+        self.stats = FuseStats()
 
     def open_dir(self) -> list[dict[str, object]]:
         """Lock the cache directory and return the journals of uploads left by a previous run.
@@ -596,6 +435,7 @@ class DataCache:
                     key, entry.fd, entry.size, metadata, content_type, self.upload_config
                 )
             except RemoteError as exc:
+                self.stats.upload_failures += 1
                 entry.upload_failed = True
                 self._write_journal(entry, key, metadata, content_type)
                 log.error(
@@ -607,6 +447,8 @@ class DataCache:
                 )
                 raise UploadFailedError(f"upload of {key} failed: {exc}") from exc
             entry.upload_failed = False
+            self.stats.uploads += 1
+            self.stats.bytes_uploaded += entry.size
             entry.remote_key = key
             entry.remote_size = entry.size
             entry.remote_etag = etag
@@ -631,11 +473,9 @@ class DataCache:
             "complete": not entry.present.missing(0, min(entry.size, entry.remote_size)),
             "written": time.time(),
         }
-        tmp = entry.journal_path.with_suffix(".json.tmp")
         try:
             os.fsync(entry.fd)
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, entry.journal_path)
+            write_atomically(entry.journal_path, json.dumps(info).encode())
         except OSError:
             log.exception("cannot write upload journal %s", entry.journal_path)
 
@@ -656,10 +496,13 @@ class DataCache:
                 key, fd, size, metadata, str(ctype) if ctype else None, self.upload_config
             )
         except RemoteError as exc:
+            self.stats.upload_failures += 1
             log.warning("recovered upload of %s still failing: %s", key, exc)
             return False
         finally:
             os.close(fd)
+        self.stats.uploads += 1
+        self.stats.bytes_uploaded += size
         data_path.unlink(missing_ok=True)
         data_path.with_suffix(".json").unlink(missing_ok=True)
         log.info("recovered upload of %s (%d bytes) from a previous run", key, size)

@@ -4,9 +4,9 @@ S3 has no inodes, so numbers are handed out on first sight of a path and dropped
 kernel forgets them (lookup count 0) and no handle is open. Paths are relative to the mount
 root, '/'-separated, '' for the root itself; the object key is `prefix + path`.
 
-Attributes follow s3fs-fuse's object metadata so buckets stay interoperable:
-`x-amz-meta-mode` (decimal st_mode including the file type), `-uid`, `-gid` and `-mtime`
-(seconds, optionally with a fraction). Objects without them get the mount's defaults.
+Attributes follow s3fs-fuse's object metadata so buckets stay interoperable; the codec is
+`plugin.s3.metadata`, shared with the copy engine. Objects without it get the mount's
+defaults.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import pyfuse3
 
-from plugin.fusefs.errors import NotFoundError
-
-if TYPE_CHECKING:
-    from plugin.fusefs.cache import CacheEntry
+from plugin.fusefs.entry import CacheEntry
+from plugin.fusefs.errors import InvalidError, NotFoundError
+from plugin.s3 import metadata as s3meta
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +62,9 @@ class Attrs:
         return stat.S_ISLNK(self.mode)
 
 
-def format_mtime(mtime_ns: int) -> str:
-    sec, nsec = divmod(mtime_ns, NS)
-    return str(sec) if nsec == 0 else f"{sec}.{nsec:09d}"
-
-
-def parse_mtime(value: str) -> int | None:
-    """Parse s3fs/rclone style "seconds[.fraction]" into nanoseconds."""
-    try:
-        sec, _, frac = value.strip().partition(".")
-        return int(sec) * NS + (int(frac[:9].ljust(9, "0")) if frac else 0)
-    except ValueError:
-        return None
-
-
 def metadata_for(attrs: Attrs) -> dict[str, str]:
     """The s3fs-compatible user metadata for *attrs* (boto3 adds `x-amz-meta-`)."""
-    return {
-        "mode": str(attrs.mode),
-        "uid": str(attrs.uid),
-        "gid": str(attrs.gid),
-        "mtime": format_mtime(attrs.mtime_ns),
-    }
+    return s3meta.encode(attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns)
 
 
 def attrs_from_metadata(
@@ -96,32 +75,16 @@ def attrs_from_metadata(
     default_mode: int,
     defaults: Defaults,
 ) -> Attrs:
-    """Attributes of an object from its metadata; anything missing or garbled gets a default.
-
-    Metadata keys are compared case-insensitively: some servers return `Mode`, not `mode`.
-    """
-    meta = {k.lower(): v for k, v in metadata.items()}
-
-    def _int(name: str, default: int) -> int:
-        try:
-            return int(meta[name])
-        except (KeyError, ValueError):
-            return default
-
-    mode = _int("mode", default_mode)
-    if stat.S_IFMT(mode) == 0:
-        # Some tools store only permission bits; keep the type we inferred from the key.
-        mode |= stat.S_IFMT(default_mode)
-    if stat.S_ISDIR(default_mode) and not stat.S_ISDIR(mode):
-        mode = default_mode
-    mtime_ns = parse_mtime(meta["mtime"]) if "mtime" in meta else None
-    return Attrs(
-        mode=mode,
-        uid=_int("uid", defaults.uid),
-        gid=_int("gid", defaults.gid),
-        size=size,
-        mtime_ns=mtime_ns if mtime_ns is not None else last_modified_ns,
+    """Attributes of an object from its metadata; anything missing or garbled gets a default
+    (keys compared case-insensitively: some servers return `Mode`, not `mode`)."""
+    got = s3meta.decode(
+        metadata,
+        default_mode=default_mode,
+        default_uid=defaults.uid,
+        default_gid=defaults.gid,
+        last_modified_ns=last_modified_ns,
     )
+    return Attrs(mode=got.mode, uid=got.uid, gid=got.gid, size=size, mtime_ns=got.mtime_ns)
 
 
 @dataclass(eq=False)
@@ -370,3 +333,15 @@ class InodeTable:
             del self._by_path[node.path]
         if self.on_drop is not None:
             self.on_drop(node)
+
+
+def decode_name(name: bytes) -> str:
+    """S3 keys are UTF-8; refuse names that cannot be one."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidError(f"name {name!r} is not valid UTF-8") from None
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name

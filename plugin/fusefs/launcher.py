@@ -171,7 +171,7 @@ def preload() -> None:
     """What every FUSE process needs, imported once before any fork: trio, pyfuse3, the
     filesystem, and boto3 (whose client a child builds after it is mounted)."""
     import plugin.fusefs.__main__
-    import plugin.s3client  # noqa: F401
+    import plugin.s3.client  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

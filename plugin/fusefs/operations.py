@@ -159,7 +159,7 @@ class S3Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         log.debug("mkdir %d %r", parent_inode, name)
-        node = await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
+        node = await self.fs.names.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
         return node.entry(self._ttl)
 
     @_guard
@@ -172,18 +172,18 @@ class S3Operations(pyfuse3.Operations):
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         log.debug("unlink %d %r", parent_inode, name)
-        await self.fs.unlink(parent_inode, name)
+        await self.fs.names.unlink(parent_inode, name)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         log.debug("rmdir %d %r", parent_inode, name)
-        await self.fs.rmdir(parent_inode, name)
+        await self.fs.names.rmdir(parent_inode, name)
 
     @_guard
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        node = await self.fs.names.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
         return node.entry(self._ttl)
 
     @_guard
@@ -200,7 +200,7 @@ class S3Operations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             # An atomic swap of two keys is impossible with copy + delete.
             raise errors.InvalidError("RENAME_EXCHANGE is not supported")
-        await self.fs.rename(
+        await self.fs.names.rename(
             parent_inode_old,
             name_old,
             parent_inode_new,
@@ -262,13 +262,13 @@ class S3Operations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return await self.fs.opendir(inode)
+        return await self.fs.listings.opendir(inode)
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         index = start_id
         while True:
-            item = await self.fs.dir_entry(fh, index)
+            item = await self.fs.listings.dir_entry(fh, index)
             if item is None:
                 return
             name, node = item
@@ -283,7 +283,7 @@ class S3Operations(pyfuse3.Operations):
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        self.fs.releasedir(fh)
+        self.fs.listings.releasedir(fh)
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

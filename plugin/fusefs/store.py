@@ -1,42 +1,40 @@
-"""Async object-store API over a blocking boto3 client.
+"""The FUSE process's async object store: one bucket, through the S3 layer (plugin.s3).
 
-Every boto3 call runs in a worker thread (`trio.to_thread.run_sync`) under one capacity
-limiter, so the trio loop keeps serving FUSE requests while S3 answers. botocore errors are
-translated here into `NotFoundError` / `RemoteError`; nothing above this module sees boto3.
+Every blocking call runs in a worker thread (`trio.to_thread.run_sync`) under one capacity
+limiter, so the trio loop keeps serving FUSE requests while S3 answers. HEAD and LIST try the
+hand-signed path first (`plugin.s3.fallback`), everything else goes through boto3. S3 errors
+are translated here into `NotFoundError` / `StaleError` / `RemoteError`; nothing above this
+module sees boto3.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
-import http.client
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
+from plugin.fusefs import ranged
 from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
-from plugin.s3fast import FastClient, FastPathError, parse_http_date, read_exact
-
-if TYPE_CHECKING:
-    from plugin.fusefs.cache import UploadConfig
+from plugin.s3.dates import from_datetime, parse_http_date
+from plugin.s3.errors import PRECONDITION_CODES, FastPathError, error_code, is_not_found
+from plugin.s3.fallback import fast_or_fallback_async
+from plugin.s3.fast import FastClient
+from plugin.s3.multipart import upload_fd
+from plugin.s3.store import MAX_COPY_SIZE
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Bytes per read from a GET body; large enough to keep per-call overhead small.
-STREAM_CHUNK = 1 << 20
-#: CopyObject's limit; larger objects need a multipart copy.
-MAX_COPY_SIZE = 5 * (1 << 30)
-#: S3 allows at most this many parts per multipart upload.
-MAX_PARTS = 10_000
+MiB = 1 << 20
+
 
 DIR_CONTENT_TYPE = "application/x-directory"
 META_PREFIX = "x-amz-meta-"
@@ -58,8 +56,19 @@ def _put_not_found(key: str) -> Iterator[None]:
         ) from exc
 
 
+@dataclass(frozen=True)
+class UploadConfig:
+    """When a file goes up in parts, how large they are and how many go at once."""
+
+    multipart_threshold: int = 64 * MiB
+    part_size: int = 16 * MiB
+    concurrency: int = 4
+
+
 @dataclass
 class ObjectInfo:
+    """An object as the filesystem sees it: ETag without quotes, times in nanoseconds."""
+
     key: str
     size: int
     etag: str | None
@@ -77,60 +86,8 @@ class ListPage:
     next_token: str | None
 
 
-def _ns(dt: Any) -> int:
-    return int(dt.timestamp() * 1_000_000_000) if dt is not None else 0
-
-
 def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else None
-
-
-def _body_reader(body: Any, response: dict[str, Any]) -> Callable[[memoryview], int]:
-    """readinto for a GET body. botocore's read() copies every byte two or three times on
-    its way up (http.client -> urllib3 -> bytes); reading the http.client response straight
-    into our buffer saves that CPU, which a 2-core machine spends on the data path. Falls
-    back to read() when the layout is not the expected one or the body is encoded."""
-    raw = getattr(getattr(body, "_raw_stream", None), "_fp", None)
-    headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
-    if isinstance(raw, http.client.HTTPResponse) and not headers.get("content-encoding"):
-        sock = getattr(getattr(raw.fp, "raw", None), "_sock", None)
-        # Plain TCP only: TLS sockets (ssl.SSLSocket, a subclass) take no recv flags.
-        if type(sock) is socket.socket and raw.length is not None and not raw.chunked:
-            return _SocketBody(raw, sock).read_into
-        return raw.readinto
-
-    def _read(view: memoryview) -> int:
-        data = body.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    return _read
-
-
-class _SocketBody:
-    """Reads a body of known length straight from the connection's socket (see
-    `s3fast.read_exact`: one syscall and one release of the GIL per buffer instead of one per
-    arriving segment; eight GET threads and the FUSE loop share the GIL, and each
-    reacquisition is a chance for the others to stall, which left both cores idle a fifth
-    of a cold read).
-
-    Only for a body read to its end or abandoned: http.client's own bookkeeping is
-    bypassed, so the caller closes the response (and with it the connection) afterwards.
-    """
-
-    def __init__(self, response: http.client.HTTPResponse, sock: socket.socket) -> None:
-        self._response = response
-        self._sock = sock
-        self._left = response.length or 0
-
-    def read_into(self, view: memoryview) -> int:
-        want = min(len(view), self._left)
-        fp = self._response.fp
-        if not want or fp is None:
-            return 0
-        n = read_exact(fp, self._sock, view[:want])
-        self._left -= n
-        return n
 
 
 class LazyClient:
@@ -178,7 +135,7 @@ class ObjectStore:
         self._limiter = trio.CapacityLimiter(max_threads)
         #: Ranged GETs get their own threads, so read-ahead never starves HEAD and LIST.
         self._data_limiter = trio.CapacityLimiter(data_threads)
-        #: Cheap signed HEAD, LIST and GET (see plugin.s3fast); None means boto3 only.
+        #: Cheap signed HEAD, LIST and GET (see plugin.s3.fast); None means boto3 only.
         self.fast_client: FastClient | None = None
 
     async def _run(
@@ -200,13 +157,13 @@ class ObjectStore:
             # the mount goes live before that (see LazyClient). By now it is loaded anyway.
             import botocore.exceptions
 
-            from plugin import s3client
-
-            if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
-                if s3client.is_not_found(exc):
+            if error_code(exc) is not None:
+                if is_not_found(exc):
                     raise NotFoundError(what) from exc
-                if s3client.error_code(exc) in ("412", "PreconditionFailed"):
+                if error_code(exc) in PRECONDITION_CODES:
                     raise StaleError(f"{what}: the object changed on the server") from exc
+                raise RemoteError(f"{what}: {exc}") from exc
+            if isinstance(exc, botocore.exceptions.BotoCoreError):
                 raise RemoteError(f"{what}: {exc}") from exc
             if isinstance(exc, OSError):
                 # urllib3/socket errors that botocore did not wrap.
@@ -224,7 +181,7 @@ class ObjectStore:
         )
 
     @staticmethod
-    def _info_from_headers(key: str, status: int, headers: dict[str, str]) -> ObjectInfo | None:
+    def info_from_headers(key: str, status: int, headers: dict[str, str]) -> ObjectInfo | None:
         if status == 404:
             return None
         return ObjectInfo(
@@ -259,7 +216,7 @@ class ObjectStore:
                     if isinstance(answer, FastPathError):
                         retry.append(i)
                     else:
-                        results[i] = self._info_from_headers(keys[i], *answer)
+                        results[i] = self.info_from_headers(keys[i], *answer)
 
             async with trio.open_nursery() as nursery:
                 for idx in chunks:
@@ -280,28 +237,31 @@ class ObjectStore:
         return results
 
     async def head(self, key: str, *, fast: bool = True) -> ObjectInfo | None:
-        client = self.fast_client
-        if fast and client is not None and client.enabled:
+        client = self.fast_client if fast else None
+
+        async def _fast() -> ObjectInfo | None:
+            assert client is not None
+            status, headers = await trio.to_thread.run_sync(client.head, key, limiter=self._limiter)
+            return self.info_from_headers(key, status, headers)
+
+        async def _boto3() -> ObjectInfo | None:
             try:
-                status, headers = await trio.to_thread.run_sync(
-                    client.head, key, limiter=self._limiter
+                r = await self._run(
+                    f"head {key}", self.client.head_object, Bucket=self.bucket, Key=key
                 )
-            except FastPathError as exc:
-                log.debug("fast HEAD %s: %s; asking boto3", key, exc)
-            else:
-                return self._info_from_headers(key, status, headers)
-        try:
-            r = await self._run(f"head {key}", self.client.head_object, Bucket=self.bucket, Key=key)
-        except NotFoundError:
-            return None
-        return ObjectInfo(
-            key=key,
-            size=int(r.get("ContentLength", 0)),
-            etag=_etag(r.get("ETag")),
-            last_modified_ns=_ns(r.get("LastModified")),
-            metadata=dict(r.get("Metadata") or {}),
-            content_type=r.get("ContentType"),
-        )
+            except NotFoundError:
+                return None
+            return ObjectInfo(
+                key=key,
+                size=int(r.get("ContentLength", 0)),
+                etag=_etag(r.get("ETag")),
+                last_modified_ns=from_datetime(r.get("LastModified")),
+                metadata=dict(r.get("Metadata") or {}),
+                content_type=r.get("ContentType"),
+            )
+
+        usable = client is not None and client.enabled
+        return await fast_or_fallback_async(f"HEAD {key}", _fast if usable else None, _boto3)
 
     async def list_page(
         self, prefix: str, token: str | None, *, delimiter: str | None = "/", max_keys: int = 1000
@@ -312,18 +272,20 @@ class ObjectStore:
         if token:
             kwargs["ContinuationToken"] = token
         log.debug("list %s (continued: %s)", prefix, token is not None)
-        r: dict[str, Any] | None = None
         fast = self.fast_client
-        if fast is not None and fast.enabled:
-            try:
-                r = await trio.to_thread.run_sync(
-                    fast.list_v2, prefix, token, delimiter, max_keys, limiter=self._limiter
-                )
-            except FastPathError as exc:
-                log.debug("fast LIST %s: %s; asking boto3", prefix, exc)
-        if r is None:
-            r = await self._run(f"list {prefix}", self.client.list_objects_v2, **kwargs)
-        assert r is not None
+
+        async def _fast() -> dict[str, Any]:
+            assert fast is not None
+            return await trio.to_thread.run_sync(
+                fast.list_v2, prefix, token, delimiter, max_keys, limiter=self._limiter
+            )
+
+        async def _boto3() -> dict[str, Any]:
+            return await self._run(f"list {prefix}", self.client.list_objects_v2, **kwargs)
+
+        r = await fast_or_fallback_async(
+            f"LIST {prefix}", _fast if fast is not None and fast.enabled else None, _boto3
+        )
         files = [
             ObjectInfo(
                 key=o["Key"],
@@ -331,7 +293,7 @@ class ObjectStore:
                 etag=_etag(o.get("ETag")),
                 last_modified_ns=o["LastModifiedNs"]
                 if "LastModifiedNs" in o
-                else _ns(o.get("LastModified")),
+                else from_datetime(o.get("LastModified")),
             )
             for o in r.get("Contents", [])
         ]
@@ -365,17 +327,17 @@ class ObjectStore:
     async def put_bytes(
         self, key: str, data: bytes, metadata: dict[str, str], content_type: str | None = None
     ) -> str | None:
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "Body": data,
-            "Metadata": metadata,
-        }
+        with _put_not_found(key):
+            return await self._run(f"put {key}", self._put_sync, key, data, metadata, content_type)
+
+    def _put_sync(
+        self, key: str, data: bytes, metadata: dict[str, str], content_type: str | None
+    ) -> str | None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
+        kwargs["Metadata"] = metadata
         if content_type:
             kwargs["ContentType"] = content_type
-        with _put_not_found(key):
-            r = await self._run(f"put {key}", self.client.put_object, **kwargs)
-        return _etag(r.get("ETag"))
+        return _etag(self.client.put_object(**kwargs).get("ETag"))
 
     async def fetch_into(
         self,
@@ -388,17 +350,7 @@ class ObjectStore:
         etag: str | None,
     ) -> None:
         """GET `[start, end)` of *key* and pwrite the parts that fall into *gaps* to *fd*."""
-        await self._run(
-            f"get {key} [{start}, {end})",
-            self._fetch_into_sync,
-            key,
-            start,
-            end,
-            fd,
-            gaps,
-            etag,
-            _limiter=self._data_limiter,
-        )
+        await self._ranged(ranged.fetch_into, key, start, end, fd, gaps, etag)
 
     async def fetch_buffer(
         self,
@@ -412,108 +364,17 @@ class ObjectStore:
     ) -> None:
         """GET `[start, end)` of *key* straight into *buf* (streamed reads keep no file).
         *progress* is called in the worker thread with the bytes in place so far."""
+        await self._ranged(ranged.fetch_buffer, key, start, end, buf, etag, progress)
+
+    async def _ranged(
+        self, fetch: Callable[..., None], key: str, start: int, end: int, *args: Any
+    ) -> None:
+        """A ranged GET of `[start, end)` (plugin.fusefs.ranged) on the data threads."""
+        what = f"get {key} [{start}, {end})"
+        client, bucket = self.client, self.bucket
         await self._run(
-            f"get {key} [{start}, {end})",
-            self._fetch_buffer_sync,
-            key,
-            start,
-            end,
-            buf,
-            etag,
-            progress,
-            _limiter=self._data_limiter,
+            what, fetch, client, bucket, key, start, end, *args, _limiter=self._data_limiter
         )
-
-    def _open_range(
-        self, key: str, start: int, end: int, etag: str | None
-    ) -> tuple[Any, Callable[[memoryview], int]]:
-        """Start a ranged GET; returns the body (to close) and its readinto."""
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "Range": f"bytes={start}-{end - 1}",
-        }
-        if etag:
-            # Never splice bytes of a newer object version into an older cached one.
-            kwargs["IfMatch"] = f'"{etag}"'
-        r = self.client.get_object(**kwargs)
-        body = r["Body"]
-        got = _etag(r.get("ETag"))
-        if etag and got and got != etag:
-            # Some servers (rclone serve s3) ignore If-Match; check the answer ourselves.
-            body.close()
-            raise StaleError(f"get {key}: the object changed on the server")
-        answered = r.get("ContentRange") or ""
-        if not answered.startswith(f"bytes {start}-{end - 1}/") and not (
-            start == 0 and not answered and r.get("ContentLength") == end
-        ):
-            # A server that ignored Range would put the object's first bytes at *start*.
-            body.close()
-            raise RemoteError(f"get {key}: asked for bytes {start}-{end - 1}, got {answered!r}")
-        return body, _body_reader(body, r)
-
-    @staticmethod
-    def _read_exactly(
-        read_into: Callable[[memoryview], int],
-        view: memoryview,
-        key: str,
-        pos: int,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Fill *view* (object bytes from *pos* on); a body that ends early is an error."""
-        done = 0
-        while done < len(view):
-            n = read_into(view[done:])
-            if not n:
-                raise RemoteError(
-                    f"get {key}: body ended at {pos + done}, expected {pos + len(view)}"
-                )
-            done += n
-            if progress is not None:
-                progress(done)
-
-    def _fetch_buffer_sync(
-        self,
-        key: str,
-        start: int,
-        end: int,
-        buf: memoryview,
-        etag: str | None,
-        progress: Callable[[int], None] | None,
-    ) -> None:
-        body, read_into = self._open_range(key, start, end, etag)
-        try:
-            self._read_exactly(read_into, buf[: end - start], key, start, progress)
-        finally:
-            body.close()
-
-    def _fetch_into_sync(
-        self, key: str, start: int, end: int, fd: int, gaps: list[tuple[int, int]], etag: str | None
-    ) -> None:
-        body, read_into = self._open_range(key, start, end, etag)
-        try:
-            buf = memoryview(bytearray(min(STREAM_CHUNK, end - start)))
-            pos = start
-            gi = 0
-            while pos < end:
-                n = min(len(buf), end - pos)
-                self._read_exactly(read_into, buf[:n], key, pos)
-                chunk = buf[:n]
-                cend = pos + n
-                while gi < len(gaps) and gaps[gi][1] <= pos:
-                    gi += 1
-                j = gi
-                while j < len(gaps) and gaps[j][0] < cend:
-                    s, e = max(gaps[j][0], pos), min(gaps[j][1], cend)
-                    view = chunk[s - pos : e - pos]
-                    while view:
-                        w = os.pwrite(fd, view, s)
-                        view = view[w:]
-                        s += w
-                    j += 1
-                pos = cend
-        finally:
-            body.close()
 
     async def upload_file(
         self,
@@ -530,71 +391,18 @@ class ObjectStore:
                 return await self._run(
                     f"put {key}", self._put_fd_sync, key, fd, size, metadata, content_type
                 )
-            return await self._run(
-                f"multipart upload {key}",
-                self._multipart_sync,
-                key,
-                fd,
-                size,
-                metadata,
-                content_type,
-                config,
+            upload = functools.partial(
+                upload_fd, part_size=config.part_size, concurrency=config.concurrency
             )
+            what = f"multipart upload {key}"
+            args = (self.client, self.bucket, key, fd, size, metadata, content_type)
+            return _etag(await self._run(what, upload, *args))
 
     def _put_fd_sync(
         self, key: str, fd: int, size: int, metadata: dict[str, str], content_type: str | None
     ) -> str | None:
         data = os.pread(fd, size, 0) if size else b""
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "Body": data,
-            "Metadata": metadata,
-        }
-        if content_type:
-            kwargs["ContentType"] = content_type
-        return _etag(self.client.put_object(**kwargs).get("ETag"))
-
-    def _multipart_sync(
-        self,
-        key: str,
-        fd: int,
-        size: int,
-        metadata: dict[str, str],
-        content_type: str | None,
-        config: UploadConfig,
-    ) -> str | None:
-        part_size = max(config.part_size, -(-size // MAX_PARTS))
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata}
-        if content_type:
-            kwargs["ContentType"] = content_type
-        upload_id = self.client.create_multipart_upload(**kwargs)["UploadId"]
-
-        def _part(number: int) -> dict[str, Any]:
-            offset = (number - 1) * part_size
-            data = os.pread(fd, min(part_size, size - offset), offset)
-            r = self.client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
-            )
-            return {"PartNumber": number, "ETag": r["ETag"]}
-
-        count = -(-size // part_size)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(
-                max_workers=config.concurrency, thread_name_prefix="upload-part"
-            ) as pool:
-                parts = list(pool.map(_part, range(1, count + 1)))
-            r = self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-        except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except Exception as exc:  # best effort: the original error matters more
-                log.warning("abort of multipart upload %s for %s failed: %s", upload_id, key, exc)
-            raise
-        log.debug("multipart upload of %s: %d parts of %d bytes", key, count, part_size)
-        return _etag(r.get("ETag"))
+        return self._put_sync(key, data, metadata, content_type)
 
     async def copy(
         self,

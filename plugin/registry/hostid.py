@@ -4,11 +4,12 @@ alone would tell an operator nothing in "held by host ..." messages."""
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import socket
 from pathlib import Path
+
+from plugin.atomic import write_atomically
 
 HOST_ID_FILE = "host-id"
 
@@ -25,12 +26,5 @@ def host_id(root: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:48] or "host"
     value = f"{name}-{secrets.token_hex(4)}"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{HOST_ID_FILE}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, (value + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomically(path, (value + "\n").encode(), mode=0o644)
     return value

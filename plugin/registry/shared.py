@@ -25,8 +25,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from plugin.atomic import write_atomically
 from plugin.backends.base import Backend
-from plugin.backends.staging import parse_timeout, write_atomically
+from plugin.backends.staged.options import parse_stage_timeout as parse_timeout
 from plugin.driver.driver import VolumeDriver, VolumeInfo
 from plugin.driver.state import StateStore
 from plugin.errors import BackendError, InvalidOptionError, PluginError, VolumeConflictError

@@ -25,9 +25,9 @@ from typing import Any
 
 import botocore.exceptions
 
-from plugin import s3client
 from plugin.errors import BackendError
 from plugin.names import decode_name, encode_name
+from plugin.s3 import client as s3client
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@ direction) or between local paths; resumable, verified, bounded in memory. No Fl
 here: the driver calls `copy()` when staging a volume, and `stowage cp` exposes it directly.
 """
 
+from plugin.s3.store import ObjectStore
 from plugin.staging.engine import DEFAULT_CHUNK_SIZE, CopyOptions, S3Options, copy
 from plugin.staging.errors import (
     CopyCancelledError,
@@ -13,7 +14,6 @@ from plugin.staging.errors import (
     VerificationError,
 )
 from plugin.staging.progress import CopyResult, FileError, Progress
-from plugin.staging.store import ObjectStore
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -18,6 +18,7 @@ from plugin.options import endpoint_arg, parse_size
 from plugin.staging.engine import DEFAULT_CHUNK_SIZE, CopyOptions, S3Options, copy
 from plugin.staging.errors import StagingError
 from plugin.staging.progress import Progress
+from plugin.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,13 @@ def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="copy even files that look unchanged")
     p.add_argument("--fsync", action="store_true", help="sync the destination at the end")
     p.add_argument(
+        "--delete",
+        action="store_true",
+        help="mirror: after a copy in which no file failed, delete what DST holds that SRC "
+        "does not (objects under the prefix; local files, links and directories). Nothing is "
+        "deleted if any file failed or SRC could not be listed whole",
+    )
+    p.add_argument(
         "--no-dir-markers",
         action="store_true",
         help="do not store empty directories as `dir/` objects (servers without them)",
@@ -90,14 +98,6 @@ def add_cp_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log retries and decisions")
     p.set_defaults(func=run_cp)
     return p
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _fmt_eta(eta: float | None) -> str:
@@ -120,8 +120,8 @@ class ProgressBar:
         filled = int(pct / 5)
         line = (
             f"[{'#' * filled}{'.' * (20 - filled)}] {pct:5.1f}% "
-            f"{_fmt_bytes(p.bytes_done)}/{_fmt_bytes(p.bytes_total)} "
-            f"{p.files_done}/{p.files_total} files {_fmt_bytes(p.rate)}/s "
+            f"{format_bytes(p.bytes_done)}/{format_bytes(p.bytes_total)} "
+            f"{p.files_done}/{p.files_total} files {format_bytes(p.rate)}/s "
             f"ETA {_fmt_eta(p.eta)}"
         )
         pad = max(self._width - len(line), 0)
@@ -156,6 +156,7 @@ def run_cp(args: argparse.Namespace) -> int:
         dir_markers=not args.no_dir_markers,
         skip_unchanged=not args.force,
         fsync=args.fsync,
+        delete_extraneous=args.delete,
         progress=bar,
         progress_interval=0.2,
         cancel=cancel,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import stat
@@ -53,6 +54,15 @@ class Entry:
     gid: int = -1
     target: str = ""  # symlink target
     etag: str = ""  # S3 sources only
+
+
+def temp_paths(final: str) -> tuple[str, str]:
+    """Deterministic part/journal names beside *final*, so a rerun finds them again."""
+    head, name = os.path.split(final)
+    if len(os.fsencode(name)) > 200:  # keep within NAME_MAX with prefix and suffix
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:40]
+    base = os.path.join(head, TEMP_PREFIX + name)
+    return base + ".part", base + ".journal"
 
 
 def entry_from_stat(rel: str, st: os.stat_result, readlink: Callable[[], str]) -> Entry | None:

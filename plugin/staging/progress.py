@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from plugin.units import format_bytes
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -27,7 +29,8 @@ class Progress:
     elapsed: float
     #: Files verified so far, by check: "crc64nvme", "crc32c", "crc32" (the store's CRC,
     #: computed per chunk), "md5" (ETag or multipart ETag), "size-only" (nothing else offered,
-    #: verification off, or a local copy).
+    #: verification off, or a local copy), "cache" (filled from the host's object cache, which
+    #: holds only downloads verified by one of the checks above).
     checks: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -60,8 +63,15 @@ class CopyResult:
     bytes_resumed: int = 0
     elapsed: float = 0.0
     errors: list[FileError] = field(default_factory=list)
-    #: Files copied by this run, by the check that verified them (see Progress.checks).
+    #: Files copied by this run, by the check that verified them (see Progress.checks;
+    #: "cache" for files filled from the host's object cache).
     checks: dict[str, int] = field(default_factory=dict)
+    #: Files (and their bytes) filled from the host's object cache instead of downloaded;
+    #: they count as copied, their bytes not as moved.
+    files_from_cache: int = 0
+    bytes_from_cache: int = 0
+    #: Entries the mirror step deleted from the destination (`delete_extraneous`).
+    deleted: int = 0
 
     @property
     def ok(self) -> bool:
@@ -72,11 +82,19 @@ class CopyResult:
         text = (
             f"{self.state}: {self.files_copied} copied, {self.files_skipped} unchanged, "
             f"{self.files_failed} failed of {self.files_total} files; "
-            f"{_human(self.bytes_copied)} moved"
+            f"{format_bytes(self.bytes_copied)} moved"
         )
         if self.bytes_resumed:
-            text += f" ({_human(self.bytes_resumed)} reused from an interrupted run)"
-        return text + f" in {self.elapsed:.1f}s ({rate:.1f} MiB/s)"
+            text += f" ({format_bytes(self.bytes_resumed)} reused from an interrupted run)"
+        if self.files_from_cache:
+            text += (
+                f", {self.files_from_cache} files ({format_bytes(self.bytes_from_cache)}) "
+                "from the host cache"
+            )
+        text += f" in {self.elapsed:.1f}s ({rate:.1f} MiB/s)"
+        if self.deleted:
+            text += f"; {self.deleted} deleted from the destination (not in the source)"
+        return text
 
     def checks_text(self) -> str:
         """Which check verified how many files, e.g. "crc64nvme 1, md5 3" ("none")."""
@@ -85,14 +103,6 @@ class CopyResult:
 
 def checks_text(checks: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(checks.items())) or "none"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class ProgressTracker:

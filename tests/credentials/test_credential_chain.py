@@ -29,9 +29,9 @@ from credkit import (
     start_s3,
 )
 
-from plugin.backends import staging as staging_mod
 from plugin.backends.fuseproc import FuseProcess
 from plugin.backends.local import LocalBackend
+from plugin.backends.staged import jobs as staging_mod
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
 from plugin.settings import Settings
@@ -161,7 +161,8 @@ def test_fuse_fast_path_refreshes_role_credentials(
 ) -> None:
     """The FUSE process's hand-signed client (s3fast.from_boto3_client) asks botocore's
     credentials at every request, so rotated role keys keep working."""
-    from plugin import s3client, s3fast
+    from plugin.s3 import client as s3client
+    from plugin.s3 import fast as s3fast
 
     server = start_s3(tmp_path / "s3", ROTATED_KEYS)
     try:

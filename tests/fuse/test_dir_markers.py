@@ -15,7 +15,7 @@ import pytest
 from fusemount import Mount, MountFactory
 from harness.s3servers import S3Server
 
-from plugin import s3client
+from plugin.s3 import markers as s3client
 
 pytestmark = [pytest.mark.s3, pytest.mark.fuse]
 

@@ -12,7 +12,7 @@ import pytest
 from harness import s3servers
 from harness.s3servers import S3Server
 
-from plugin.fusefs.creds import static_credentials
+from plugin.s3.credentials import static_credentials
 
 pytestmark = [pytest.mark.fuse, pytest.mark.s3]
 

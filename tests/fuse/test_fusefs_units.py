@@ -15,17 +15,18 @@ pyfuse3 = pytest.importorskip("pyfuse3")
 trio = pytest.importorskip("trio")
 
 from plugin.fusefs import errors  # noqa: E402
-from plugin.fusefs.cache import INITIAL_WINDOW, NEEDED_CHUNK, Ranges, ReadAhead  # noqa: E402
+from plugin.fusefs.cache import INITIAL_WINDOW, NEEDED_CHUNK, ReadAhead  # noqa: E402
+from plugin.fusefs.entry import Ranges  # noqa: E402
 from plugin.fusefs.inodes import (  # noqa: E402
     Attrs,
     Defaults,
     attrs_from_metadata,
-    format_mtime,
     metadata_for,
-    parse_mtime,
 )
 from plugin.fusefs.operations import S3Operations  # noqa: E402
-from plugin.s3fast import FastClient, _parse_list  # noqa: E402
+from plugin.s3.fast import FastClient  # noqa: E402
+from plugin.s3.metadata import format_mtime, parse_mtime  # noqa: E402
+from plugin.s3.xmldoc import parse_list as _parse_list  # noqa: E402
 
 MiB = 1 << 20
 

@@ -19,9 +19,9 @@ pytest.importorskip("boto3")
 
 from harness.s3servers import aws_env  # noqa: E402
 
-from plugin import s3client  # noqa: E402
 from plugin.fusefs.errors import RemoteError, StaleError  # noqa: E402
 from plugin.fusefs.store import ObjectStore  # noqa: E402
+from plugin.s3 import client as s3client  # noqa: E402
 
 MiB = 1 << 20
 DATA = os.urandom(3 * MiB + 123)

@@ -17,8 +17,10 @@ trio = pytest.importorskip("trio")
 from trio.testing import wait_all_tasks_blocked  # noqa: E402
 
 from plugin.fusefs import stream  # noqa: E402
-from plugin.fusefs.cache import INITIAL_WINDOW, CacheEntry, DataCache, UploadConfig  # noqa: E402
+from plugin.fusefs.cache import INITIAL_WINDOW, DataCache  # noqa: E402
+from plugin.fusefs.entry import CacheEntry  # noqa: E402
 from plugin.fusefs.errors import RemoteError, StaleError  # noqa: E402
+from plugin.fusefs.store import UploadConfig  # noqa: E402
 
 KiB = 1 << 10
 PART = 512 * KiB  # small parts: a few MiB cross many part boundaries

@@ -229,6 +229,10 @@ class Dockerd:
     Use as a context manager or call `start()` / `stop()`. `docker()` runs the CLI against it.
     """
 
+    #: Prepended to the containerd and dockerd command lines, e.g. `nsenter` into a namespace
+    #: of a test node (tests/swarm); both must share the mount namespace of their containers.
+    launch_prefix: tuple[str, ...] = ()
+
     def __init__(
         self,
         base: Path | None = None,
@@ -453,7 +457,7 @@ class Dockerd:
         binary = shutil.which("containerd") or "/usr/bin/containerd"
         with open(self.containerd_log_path, "ab") as logf:
             self.containerd = subprocess.Popen(
-                [binary, "--config", str(self.containerd_config_path)],
+                [*self.launch_prefix, binary, "--config", str(self.containerd_config_path)],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -475,6 +479,7 @@ class Dockerd:
 
     def _dockerd_command(self, storage_driver: str) -> list[str]:
         return [
+            *self.launch_prefix,
             self.dockerd_binary,
             "--config-file", str(self.config_path),
             "--data-root", str(self.data_root),

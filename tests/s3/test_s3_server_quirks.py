@@ -15,7 +15,7 @@ import pytest
 from harness import s3servers
 from harness.s3servers import S3Server
 
-from plugin import s3fast
+from plugin.s3 import fast as s3fast
 from plugin.staging.engine import CopyOptions, S3Options, copy
 
 pytestmark = [pytest.mark.s3]

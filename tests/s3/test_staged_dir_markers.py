@@ -11,8 +11,8 @@ from harness import s3servers
 from harness.s3servers import S3Server
 from s3kit import DriverFactory
 
-from plugin.backends import staging as staging_mod
 from plugin.backends.local import LocalBackend
+from plugin.backends.staged import jobs as staging_mod
 
 pytestmark = [pytest.mark.s3]
 

@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from plugin.s3.metadata import sanitize as sanitize_object_meta
+from plugin.s3.store import ObjectInfo, Sink
 from plugin.staging import CopyOptions, copy
 from plugin.staging.locations import LocalLocation, S3Location
-from plugin.staging.objmeta import sanitize_object_meta
-from plugin.staging.store import ObjectInfo, Sink
 
 SECRET = b"host secret, must never reach a volume\n"
 

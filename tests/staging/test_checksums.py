@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from stagingkit import S3Server, leftovers, write_random
 
+from plugin.s3.boto3store import Boto3Store
+from plugin.s3.store import Checksum, ObjectInfo, Sink
 from plugin.staging import CopyOptions, copy
 from plugin.staging import crc as crcmod
-from plugin.staging.boto3store import Boto3Store
 from plugin.staging.engine import temp_paths
 from plugin.staging.progress import CopyResult, Progress
-from plugin.staging.store import Checksum, ObjectInfo, Sink
 
 pytestmark = pytest.mark.s3
 
@@ -83,7 +83,7 @@ def random_bytes(size: int, seed: int) -> bytes:
 def _store(server: S3Server, client: str) -> Any:
     if client == "crt":
         pytest.importorskip("awscrt")
-        from plugin.staging.crtstore import CrtStore
+        from plugin.s3.crtstore import CrtStore
 
         return CrtStore(endpoint_url=server.endpoint)
     return Boto3Store(endpoint_url=server.endpoint)
@@ -373,7 +373,7 @@ def test_cli_verbose_reports_the_check(moto_s3: S3Server, bucket_name: str, tmp_
 
 
 def test_status_of_a_staged_volume_shows_the_checks() -> None:
-    from plugin.backends.staging import JobState
+    from plugin.backends.staged.state import JobState
 
     job = JobState()
     job.finish(CopyResult(checks={"crc64nvme": 2, "md5": 1}))

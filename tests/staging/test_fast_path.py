@@ -1,4 +1,4 @@
-"""The copy core's hand-signed fast path (plugin.s3fast through CrtStore): small objects go
+"""The copy core's hand-signed fast path (plugin.s3.fast through CrtStore): small objects go
 down in pipelined batches and up as single signed PUTs, with the same verification and the
 same per-file fallback as the general path."""
 
@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 from stagingkit import S3Server, leftovers, snapshot
 
-from plugin import s3fast
+from plugin.s3 import fast as s3fast
+from plugin.s3.store import ObjectInfo
 from plugin.staging import CopyOptions, copy
 from plugin.staging.engine import GET_BATCH, GET_BATCH_MAX, multipart_etag
-from plugin.staging.store import ObjectInfo
 
 pytestmark = pytest.mark.s3
 pytest.importorskip("awscrt", reason="the fast path lives in the CRT store (pip install awscrt)")
 
-from plugin.staging.crtstore import CrtStore  # noqa: E402
+from plugin.s3.crtstore import CrtStore  # noqa: E402
 
 KiB = 1 << 10
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from plugin.staging.engine import _Hasher, multipart_etag
+from plugin.staging.hasher import Hasher as _Hasher
+from plugin.staging.verify import multipart_etag
 
 KiB = 1024
 

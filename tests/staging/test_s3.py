@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from stagingkit import S3Server, build_tree, leftovers, snapshot, start_rclone, write_random
 
+from plugin.s3.boto3store import Boto3Store
+from plugin.s3.store import ObjectInfo, Sink
 from plugin.staging import CopyOptions, S3Options, copy
-from plugin.staging.boto3store import Boto3Store
 from plugin.staging.engine import temp_paths
-from plugin.staging.store import ObjectInfo, Sink
 
 pytestmark = pytest.mark.s3
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from stagingkit import S3Server, start_rclone
 
-from plugin.backends import staging as staging_mod
 from plugin.backends.local import LocalBackend
+from plugin.backends.staged import jobs as staging_mod
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
 from plugin.errors import BackendError, InvalidOptionError

@@ -1,4 +1,4 @@
-"""The hand-written SigV4 signer of plugin.s3fast against botocore's: for any key, query,
+"""The hand-written SigV4 signer of plugin.s3.sigv4 against botocore's: for any key, query,
 extra headers and session token, both compute the same signature (issue 13: the signer had no
 test comparing it with a reference)."""
 
@@ -15,7 +15,7 @@ from botocore.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugin.s3fast import EMPTY_SHA256, FastClient
+from plugin.s3.fast import EMPTY_SHA256, FastClient
 
 NOW = calendar.timegm((2026, 12, 2, 8, 0, 0, 0, 0, 0))
 _SIG = re.compile(r"Signature=([0-9a-f]{64})")

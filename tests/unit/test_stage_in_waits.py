@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.backends.staging import JobState
+from plugin.backends.staged.state import JobState
 from plugin.driver import VolumeDriver
 from plugin.errors import MountError, VolumeNotFoundError
 from plugin.settings import Settings

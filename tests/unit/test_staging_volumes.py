@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from plugin.backends.local import LocalBackend
-from plugin.backends.staging import MARKER_NAME, STATE_FILE
+from plugin.backends.staged.marker import MARKER_NAME
+from plugin.backends.staged.state import STATE_FILE
 from plugin.driver import VolumeDriver
 from plugin.errors import InvalidOptionError, MountError
 from plugin.settings import Settings

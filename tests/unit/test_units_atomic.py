@@ -33,7 +33,9 @@ def test_parse_seconds_accepts_only_numbers_in_range(value: str) -> None:
 
 
 def test_parse_seconds_names_the_reason() -> None:
-    with pytest.raises(ValueError, match=r"1 to 120 seconds, got '500' \(Docker gives Mount two minutes\)"):
+    with pytest.raises(
+        ValueError, match=r"1 to 120 seconds, got '500' \(Docker gives Mount two minutes\)"
+    ):
         parse_seconds("500", 1, 120, why="Docker gives Mount two minutes")
     with pytest.raises(ValueError, match="nan"):
         parse_seconds("nan", 1, 120)

@@ -1,7 +1,8 @@
-"""The S3 access the copy core needs, behind a small interface so a faster client can replace
-boto3 for the byte path without touching the engine.
+"""The S3 access the copy engine needs, behind a small interface so a faster client can
+replace boto3 for the byte path without touching the engine, and S3's limits.
 
-The boto3 implementation lives in boto3store.py, imported only when S3 is involved.
+Implementations: `plugin.s3.boto3store` (portable) and `plugin.s3.crtstore` (the fast path,
+with awscrt when installed), imported only when S3 is involved.
 Every method makes exactly one attempt: retries (with backoff, and resuming a ranged GET
 where its stream broke) live in the engine, which knows how many bytes already landed.
 """
@@ -14,6 +15,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+#: S3 allows at most this many parts per multipart upload.
+MAX_PARTS = 10_000
+#: Smallest part S3 accepts (except the last).
+MIN_PART_SIZE = 5 * 1024 * 1024
+#: CopyObject's limit; larger objects need a multipart copy.
+MAX_COPY_SIZE = 5 * (1 << 30)
+
 
 #: Receives body bytes with their absolute offset in the object.
 Sink = Callable[[int, memoryview], None]
@@ -58,6 +67,9 @@ class Checksum:
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """What the engine knows of an object. `last_modified` is in seconds (what the engine
+    compares with st_mtime); `last_modified_ns` gives nanoseconds like the FUSE side."""
+
     key: str
     size: int
     etag: str = ""
@@ -67,6 +79,10 @@ class ObjectInfo:
     #: The stored full-object CRC, when the store returned one (HEAD or whole GET asked with
     #: CHECKSUM_MODE); never set from a ranged GET.
     checksum: Checksum | None = None
+
+    @property
+    def last_modified_ns(self) -> int:
+        return int(self.last_modified * 1_000_000_000)
 
 
 def checksum_from_headers(headers: Mapping[str, str]) -> Checksum | None:

@@ -1,18 +1,21 @@
 """ObjectStore on boto3: the correct, portable baseline (and the control plane for any faster
-byte path). botocore's own retries are off: the engine retries and resumes."""
+byte path). botocore's own retries are off: the engine retries and resumes. Metadata goes out
+through the s3fs codec (`plugin.s3.metadata.canonical`), whoever built it."""
 
 from __future__ import annotations
 
 import base64
 import logging
 from collections.abc import Iterator, Mapping
-from datetime import datetime
 from typing import Any
 
 import botocore.exceptions  # type: ignore[import-untyped,unused-ignore]
 
-from plugin.s3client import S3Settings, error_code, is_not_found, is_temp_failure, make_s3_client
-from plugin.staging.store import (
+from plugin.s3.client import S3Settings, make_s3_client
+from plugin.s3.dates import from_datetime, seconds
+from plugin.s3.errors import error_code, is_not_found, is_temp_failure
+from plugin.s3.metadata import canonical
+from plugin.s3.store import (
     STREAM_BUFSIZE,
     ObjectInfo,
     PartInfo,
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def _ts(value: Any) -> float:
-    return value.timestamp() if isinstance(value, datetime) else 0.0
+    return seconds(from_datetime(value))
 
 
 def _meta(raw: Mapping[str, str] | None) -> dict[str, str]:
@@ -46,6 +49,7 @@ class Boto3Store:
         profile: str | None = None,
         max_connections: int = 32,
         client: Any = None,
+        ca_bundle: str | None = None,
     ) -> None:
         # Credentials: botocore's whole chain, as the process's environment configures it
         # (keys, shared files and profiles, web identity, SSO, container credentials, the
@@ -60,6 +64,7 @@ class Boto3Store:
                 profile=profile,
                 max_attempts=1,
                 max_pool_connections=max_connections,
+                ca_bundle=ca_bundle,
             )
         )
 
@@ -143,11 +148,13 @@ class Boto3Store:
         )
 
     def put(self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str]) -> str:
-        r = self._client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=dict(metadata))
+        r = self._client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=canonical(metadata))
         return str(r.get("ETag", ""))
 
     def create_multipart(self, bucket: str, key: str, metadata: Mapping[str, str]) -> str:
-        r = self._client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=dict(metadata))
+        r = self._client.create_multipart_upload(
+            Bucket=bucket, Key=key, Metadata=canonical(metadata)
+        )
         return str(r["UploadId"])
 
     def list_uploads(self, bucket: str, key: str) -> list[UploadInfo]:

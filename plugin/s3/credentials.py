@@ -1,7 +1,8 @@
-"""Static S3 credentials found without botocore, for the mount's hot path.
+"""Credentials for the hand-signed client: botocore's whole chain, and static keys found
+without botocore for the mount's hot path.
 
 Building a boto3 client costs a few hundred ms of CPU (more than everything else a mount
-does); the signed-request client (plugin.s3fast) needs only keys. This finds them where the
+does); the signed-request client (plugin.s3.fast) needs only keys. This finds them where the
 AWS chain would find them first, for the two common cases: environment variables and a
 profile with keys in the shared credentials (or config) file. Whenever the chain could go
 elsewhere first (assume-role, web identity, SSO, credential_process) or the files do not
@@ -12,9 +13,23 @@ from __future__ import annotations
 
 import configparser
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 Keys = tuple[str, str, str | None]
+
+
+def from_botocore(credentials: Any) -> Callable[[], Keys]:
+    """The keys of botocore *credentials* (its chain's answer), asked again at every call:
+    role credentials (container, instance metadata, assumed roles) are refreshable objects
+    that expire, never copied once."""
+
+    def _keys() -> Keys:
+        frozen = credentials.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key, frozen.token
+
+    return _keys
+
 
 #: Config-file settings that make botocore get credentials some other way than static keys.
 _INDIRECT = ("role_arn", "credential_source", "source_profile", "web_identity_token_file")
