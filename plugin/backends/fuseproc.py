@@ -213,6 +213,32 @@ class Launcher:
                 proc.kill()
                 proc.wait()
 
+    @property
+    def ready(self) -> bool:
+        """The launcher has done its imports (its greeting was read)."""
+        return self._ready
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait at most *timeout* for a started launcher to finish its imports, so that the
+        Mount that follows forks at once instead of waiting for them; False if it is not
+        running or not ready in time (a Mount then waits, or spawns, as without this)."""
+        with self._lock:
+            sock = self._sock
+            if sock is None or self._ready:
+                return self._ready
+            try:
+                hello = self._recv(sock, timeout)
+            except TimeoutError:
+                return False  # still importing; the greeting is read by the next fork
+            except (OSError, LauncherError, ValueError) as exc:
+                hello = {"error": str(exc)}
+            if "launcher" not in hello:
+                with contextlib.suppress(LauncherError):
+                    self._replace_locked(f"no greeting from the launcher: {hello!r}")
+                return False
+            self._ready = True
+            return True
+
     def stop(self) -> None:
         """Close the launcher (what the daemon's exit does); FUSE processes stay."""
         with self._lock:

@@ -39,6 +39,8 @@ from plugin.units import parse_seconds
 
 log = logging.getLogger(__name__)
 
+#: How long Create waits for the FUSE launcher's imports (it never fails Create).
+LAUNCHER_WAIT_S = 5.0
 #: How long Mount waits for the FUSE process; under the 30 s managed-plugin client timeout.
 MOUNT_TIMEOUT_S = 25.0
 #: How long Unmount waits for dirty data to upload; Docker gives Unmount one minute.
@@ -149,9 +151,11 @@ class S3Backend(Backend):
         if not options.get("bucket"):
             raise InvalidOptionError("backend=s3 needs -o bucket=NAME")
         # A Mount is likely to follow: the launcher does its imports while the bucket is
-        # checked, so that Mount can fork at once.
+        # checked, and Create waits for the rest of them (once per daemon run, ~0.3 s), so
+        # that the Mount forks at once: `docker run` pays Mount at every container start.
         fuseproc.launcher.start()
         self._check_bucket_reachable(options)
+        fuseproc.launcher.wait_ready(LAUNCHER_WAIT_S)
 
     def _check_settings(self, options: Mapping[str, str]) -> Any:
         from plugin.s3.client import S3Settings

@@ -159,3 +159,19 @@ def test_a_dead_launcher_means_spawning(
         driver.unmount(name, ID1)
     body = rclone_server.client().get_object(Bucket=bucket, Key="b/f.txt")["Body"].read()
     assert body == b"spawned"
+
+
+def test_create_waits_for_the_launchers_imports_so_the_mount_forks_at_once(
+    make_driver: DriverFactory, rclone_server: S3Server, root: Path
+) -> None:
+    bucket = rclone_server.new_bucket()
+    driver = make_driver()
+    assert not fuseproc.launcher.ready
+    driver.create("v", s3_options(rclone_server, bucket))
+    # The first Mount after a daemon start no longer pays the launcher's imports.
+    assert fuseproc.launcher.ready
+    launcher_pid = fuseproc.launcher.pid
+    driver.mount("v", ID1)
+    assert fuseproc.launcher.pid == launcher_pid
+    assert parent(fuse_pid(root, "v")) == launcher_pid
+    driver.unmount("v", ID1)
