@@ -20,7 +20,7 @@ from plugin.confined import Tree
 from plugin.s3.store import ObjectInfo, ObjectStore
 from plugin.staging.errors import CopyCancelledError, TransferError
 from plugin.staging.localfs import Entry
-from plugin.staging.locations import Location
+from plugin.staging.locations import Location, S3Location
 from plugin.staging.progress import CopyResult, FileError, ProgressTracker, TokenBucket
 from plugin.staging.scheduling import AbortError, Retrier, Scheduler, SplitJob, Task
 
@@ -245,6 +245,11 @@ class Direction:
     def __init__(self, ctx: RunContext, plan: Plan) -> None:
         self.ctx = ctx
         self.plan = plan
+
+    def s3_side(self, loc: Location) -> tuple[str, ObjectStore]:
+        """The bucket of this run's S3 side *loc*, and the store that reaches it."""
+        assert isinstance(loc, S3Location) and self.ctx.store is not None
+        return loc.bucket, self.ctx.store
 
     def workers(self) -> int:
         return max(1, self.ctx.opts.jobs)

@@ -22,7 +22,6 @@ from plugin.staging import chunked, localfs, mirror
 from plugin.staging.context import Direction, Plan, RunContext, Target
 from plugin.staging.errors import VerificationError
 from plugin.staging.localfs import Entry, temp_paths
-from plugin.staging.locations import S3Location
 from plugin.staging.objcache import ObjectCache, ObjectIdentity
 from plugin.staging.scheduling import Task
 from plugin.staging.verify import clean_etag, md5_fd, plain_md5, verify_whole
@@ -282,9 +281,7 @@ class S3ToLocal(ToLocal):
 
     def __init__(self, ctx: RunContext, plan: Plan) -> None:
         super().__init__(ctx, plan)
-        assert isinstance(ctx.src, S3Location) and ctx.store is not None
-        self.bucket = ctx.src.bucket
-        self.store = ctx.store
+        self.bucket, self.store = self.s3_side(ctx.src)
         self.cache: ObjectCache | None = ctx.opts.object_cache
 
     def tasks(self) -> Iterator[Task]:

@@ -21,7 +21,6 @@ from plugin.staging import mirror
 from plugin.staging.context import Direction, Plan, RunContext, SplitFile, Target, bind
 from plugin.staging.errors import StagingError, VerificationError
 from plugin.staging.localfs import Entry
-from plugin.staging.locations import S3Location
 from plugin.staging.verify import MD5_RE, clean_etag, multipart_etag, part_size_for, plain_md5
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,7 @@ def _initiated(u: UploadInfo) -> float:
 class LocalToS3(Direction):
     def __init__(self, ctx: RunContext, plan: Plan) -> None:
         super().__init__(ctx, plan)
-        assert isinstance(ctx.dst, S3Location) and ctx.store is not None
-        self.bucket = ctx.dst.bucket
-        self.store = ctx.store
+        self.bucket, self.store = self.s3_side(ctx.dst)
 
     def copy_one(self, t: Target) -> None:
         ctx, e = self.ctx, t.entry
