@@ -269,8 +269,8 @@ class JobRunner:
             from plugin.s3.boto3store import Boto3Store
             from plugin.s3.client import make_s3_client
 
-            client = make_s3_client(self.s3_settings(config))
-            store = Boto3Store(config.endpoint, config.region, config.profile, client=client)
+            settings = self.s3_settings(config)
+            store = Boto3Store(settings, client=make_s3_client(settings))
         s3 = S3Options(endpoint_url=config.endpoint, region=config.region, profile=config.profile)
         return copy(src, dst, options, s3=s3, store=store)
 
