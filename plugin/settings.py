@@ -127,24 +127,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"(env {ENV_ALLOWED_PATHS}, {os.pathsep!r}-separated; default: none, path= disabled)",
     )
     parser.set_defaults(allowed_paths_env=allowed_env)
-    mount_root_env = env.get(ENV_MOUNT_ROOT)
-    parser.add_argument(
+    _env_argument(
+        parser,
         "--mount-root",
+        ENV_MOUNT_ROOT,
+        "hand Docker every volume as a mount under DIR; a managed plugin sets its "
+        "PropagatedMount here",
         type=Path,
-        default=Path(mount_root_env) if mount_root_env else None,
         metavar="DIR",
-        help=f"hand Docker every volume as a mount under DIR; a managed plugin sets its "
-        f"PropagatedMount here (env {ENV_MOUNT_ROOT}; default: managed local volumes are "
-        "their data directory; path= and read-only binds and S3 mounts go under ROOT/mounts)",
+        shown="managed local volumes are their data directory; path= and read-only binds "
+        "and S3 mounts go under ROOT/mounts",
     )
-    credentials_env = env.get(ENV_CREDENTIALS_FILE)
-    parser.add_argument(
+    _env_argument(
+        parser,
         "--credentials-file",
+        ENV_CREDENTIALS_FILE,
+        "AWS shared-credentials file (mode 0600) holding the profiles that S3 volumes "
+        "select with -o profile=NAME",
         type=Path,
-        default=Path(credentials_env) if credentials_env else None,
         metavar="FILE",
-        help=f"AWS shared-credentials file (mode 0600) holding the profiles that S3 volumes "
-        f"select with -o profile=NAME (env {ENV_CREDENTIALS_FILE}; default ROOT/credentials)",
+        shown="ROOT/credentials",
     )
     _add_endpoint_arguments(
         parser,

@@ -18,6 +18,7 @@ Invariants (the S3 filesystem's data path relies on them):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -25,8 +26,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,34 +109,41 @@ class ReadAhead:
         return seq
 
 
+@contextlib.contextmanager
+def _get_failure_kept(job: Fetch | MemPart, what: str, key: str | None) -> Iterator[None]:
+    """Keep a failed GET's error on *job* for the readers waiting on it, instead of raising
+    it into the loop; an interruption (cancellation) is kept and raised."""
+    try:
+        yield
+    except Exception as exc:
+        job.error = exc
+        log.warning("%s of %s [%d, %d) failed: %s", what, key, job.start, job.end, exc)
+    except BaseException:
+        job.error = RemoteError(f"{what} of {key} was interrupted")
+        raise
+
+
+@dataclass(eq=False)
 class DataCache:
     """Owns the cache directory, the entries' local files and every data transfer."""
 
-    def __init__(
-        self,
-        store: ObjectStore,
-        cache_dir: Path,
-        *,
-        max_size: int,
-        readahead_max: int,
-        upload: UploadConfig,
-        readahead_streams: int = READAHEAD_STREAMS,
-        part_size: int = PART_SIZE,
-        stream_part: int = STREAM_PART,
-        stream_buffers: int = STREAM_BUFFERS,
-    ) -> None:
-        self.store = store
-        self.cache_dir = cache_dir
-        self.max_size = max_size
-        self.readahead_max = readahead_max
-        self.readahead_streams = readahead_streams
-        self.part_size = part_size
-        self.upload_config = upload
-        self._lock_fd: int | None = None
+    store: ObjectStore
+    cache_dir: Path
+    _: KW_ONLY
+    max_size: int
+    readahead_max: int
+    upload: UploadConfig
+    readahead_streams: int = READAHEAD_STREAMS
+    part_size: int = PART_SIZE
+    stream_part: InitVar[int] = STREAM_PART
+    stream_buffers: InitVar[int] = STREAM_BUFFERS
+    _lock_fd: int | None = field(default=None, init=False)
+    #: Counters for the daemon's metrics (plugin.fusefs.stats).
+    stats: FuseStats = field(default_factory=FuseStats, init=False)
+
+    def __post_init__(self, stream_part: int, stream_buffers: int) -> None:
         #: Buffers for streamed reads; zero buffers turns streaming off.
         self.stream_pool = BufferPool(stream_part, stream_buffers)
-        #: Counters for the daemon's metrics (plugin.fusefs.stats).
-        self.stats = FuseStats()
 
     def open_dir(self) -> list[dict[str, object]]:
         """Lock the cache directory and return the journals of uploads left by a previous run.
@@ -296,22 +304,17 @@ class DataCache:
     async def _run_part(self, stream: Stream, part: MemPart, key: str) -> None:
         """GET one memory part; like `_run_fetch` it never raises into the loop."""
         try:
-            log.debug("stream %s [%d, %d)", key, part.start, part.end)
-            await self.store.fetch_buffer(
-                key,
-                part.start,
-                part.end,
-                memoryview(part.buf),
-                etag=part.etag,
-                progress=part.progress,
-            )
-            log.debug("streamed %s [%d, %d)", key, part.start, part.end)
-        except Exception as exc:
-            part.error = exc
-            log.warning("streamed get of %s [%d, %d) failed: %s", key, part.start, part.end, exc)
-        except BaseException:
-            part.error = RemoteError(f"get of {key} was interrupted")
-            raise
+            with _get_failure_kept(part, "streamed get", key):
+                log.debug("stream %s [%d, %d)", key, part.start, part.end)
+                await self.store.fetch_buffer(
+                    key,
+                    part.start,
+                    part.end,
+                    memoryview(part.buf),
+                    etag=part.etag,
+                    progress=part.progress,
+                )
+                log.debug("streamed %s [%d, %d)", key, part.start, part.end)
         finally:
             stream.fetch_finished(part)
 
@@ -353,23 +356,18 @@ class DataCache:
     async def _run_fetch(self, entry: CacheEntry, fetch: Fetch) -> None:
         key, etag = entry.remote_key, entry.remote_etag
         try:
-            if key is None:
-                raise RemoteError("nothing to fetch: the file has no object")
-            log.debug("fetch %s [%d, %d)", key, fetch.start, fetch.end)
-            await self.store.fetch_into(
-                key, fetch.start, fetch.end, entry.fd, [(fetch.start, fetch.end)], etag=etag
-            )
-            # Bytes of an older version (the ETag changed meanwhile, e.g. by an upload or a
-            # chmod) are not recorded; a waiting reader fetches them again.
-            if entry.remote_etag == etag and entry.remote_key == key:
-                entry.present.add(fetch.start, fetch.end)
-            log.debug("fetched %s [%d, %d)", key, fetch.start, fetch.end)
-        except Exception as exc:
-            fetch.error = exc
-            log.warning("fetch of %s [%d, %d) failed: %s", key, fetch.start, fetch.end, exc)
-        except BaseException:
-            fetch.error = RemoteError(f"fetch of {key} was interrupted")
-            raise
+            with _get_failure_kept(fetch, "fetch", key):
+                if key is None:
+                    raise RemoteError("nothing to fetch: the file has no object")
+                log.debug("fetch %s [%d, %d)", key, fetch.start, fetch.end)
+                await self.store.fetch_into(
+                    key, fetch.start, fetch.end, entry.fd, [(fetch.start, fetch.end)], etag=etag
+                )
+                # Bytes of an older version (the ETag changed meanwhile, e.g. by an upload or
+                # a chmod) are not recorded; a waiting reader fetches them again.
+                if entry.remote_etag == etag and entry.remote_key == key:
+                    entry.present.add(fetch.start, fetch.end)
+                log.debug("fetched %s [%d, %d)", key, fetch.start, fetch.end)
         finally:
             entry.fetch_finished(fetch)
 
@@ -432,7 +430,7 @@ class DataCache:
             try:
                 await self._fill(entry, 0, entry.size)
                 etag = await self.store.upload_file(
-                    key, entry.fd, entry.size, metadata, content_type, self.upload_config
+                    key, entry.fd, entry.size, metadata, content_type, self.upload
                 )
             except RemoteError as exc:
                 self.stats.upload_failures += 1
@@ -493,7 +491,7 @@ class DataCache:
             metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
             ctype = info.get("content_type")
             await self.store.upload_file(
-                key, fd, size, metadata, str(ctype) if ctype else None, self.upload_config
+                key, fd, size, metadata, str(ctype) if ctype else None, self.upload
             )
         except RemoteError as exc:
             self.stats.upload_failures += 1

@@ -71,12 +71,17 @@ class Namespace:
         self.fs.inodes.ref(node)
         return node
 
-    async def unlink(self, parent_inode: int, name: bytes) -> None:
+    async def _to_remove(self, parent_inode: int, name: bytes) -> tuple[str, Node]:
+        """The path and node of *name*, which unlink or rmdir is about to remove."""
         self.fs.check_writable()
         _, path = await self.fs.child(parent_inode, name)
         node = await self.fs.resolve(path)
         if node is None:
             raise NotFoundError(path)
+        return path, node
+
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        path, node = await self._to_remove(parent_inode, name)
         if node.is_dir:
             raise IsADirError(path)
         if not node.local_only:
@@ -98,11 +103,7 @@ class Namespace:
         return not page.dirs and all(f.key == dkey for f in page.files)
 
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
-        self.fs.check_writable()
-        _, path = await self.fs.child(parent_inode, name)
-        node = await self.fs.resolve(path)
-        if node is None:
-            raise NotFoundError(path)
+        path, node = await self._to_remove(parent_inode, name)
         if not node.is_dir:
             raise NotADirError(path)
         if not await self._dir_is_empty(node):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+from dataclasses import dataclass, field
 
 import trio
 
@@ -78,25 +79,30 @@ class BufferPool:
             self._free.clear()
 
 
+@dataclass(eq=False)
 class MemPart:
     """One aligned part of the object, in a pool buffer, filled by a worker thread."""
 
-    def __init__(self, index: int, start: int, end: int, buf: mmap.mmap, etag: str | None) -> None:
-        self.index = index
-        self.start = start
-        self.end = end
-        self.buf = buf
-        self.etag = etag
-        self.done = trio.Event()
-        self.error: Exception | None = None
-        #: Bytes at the start of the buffer known to be in place (loop side).
-        self.ready = 0
-        self.served = 0
-        self.dropped = False
-        #: `arrivals[i]` is set once `ready` covers step i (or the GET ended, either way).
-        self.arrivals = [trio.Event() for _ in range(-(-(end - start) // ARRIVAL_STEP))]
+    index: int
+    start: int
+    end: int
+    buf: mmap.mmap
+    etag: str | None
+    done: trio.Event = field(default_factory=trio.Event, init=False)
+    error: Exception | None = field(default=None, init=False)
+    #: Bytes at the start of the buffer known to be in place (loop side).
+    ready: int = field(default=0, init=False)
+    served: int = field(default=0, init=False)
+    dropped: bool = field(default=False, init=False)
+    #: `arrivals[i]` is set once `ready` covers step i (or the GET ended, either way).
+    arrivals: list[trio.Event] = field(init=False)
+    _token: trio.lowlevel.TrioToken = field(init=False)
+    _reported: int = field(default=0, init=False)  # worker-thread side
+
+    def __post_init__(self) -> None:
+        steps = -(-(self.end - self.start) // ARRIVAL_STEP)
+        self.arrivals = [trio.Event() for _ in range(steps)]
         self._token = trio.lowlevel.current_trio_token()
-        self._reported = 0  # worker-thread side
 
     def view(self, start: int, end: int) -> memoryview:
         return memoryview(self.buf)[start - self.start : end - self.start]

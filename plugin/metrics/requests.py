@@ -31,20 +31,32 @@ def outcome_of(status: str) -> str:
     return "error" if code.startswith("5") else "rejected"
 
 
+def request_series(
+    registry: CollectorRegistry,
+    prefix: str,
+    by: str,
+    counted: str,
+    timed: str,
+    buckets: tuple[float, ...],
+) -> tuple[Counter, Histogram]:
+    """`<prefix>_requests` by *by* and outcome, and `<prefix>_request_duration_seconds`
+    by *by*; *counted* and *timed* are their help texts."""
+    requests = Counter(f"{prefix}_requests", counted, (by, "outcome"), registry=registry)
+    latency = Histogram(
+        f"{prefix}_request_duration_seconds", timed, (by,), buckets=buckets, registry=registry
+    )
+    return requests, latency
+
+
 class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "stowage_plugin_requests",
+        self.requests, self.latency = request_series(
+            registry,
+            "stowage_plugin",
+            "endpoint",
             "Requests from dockerd to the plugin, by endpoint and outcome.",
-            ("endpoint", "outcome"),
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "stowage_plugin_request_duration_seconds",
             "Time to answer a plugin request, by endpoint.",
-            ("endpoint",),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
 
     def observe(self, endpoint: str, outcome: str, seconds: float) -> None:

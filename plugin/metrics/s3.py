@@ -15,7 +15,9 @@ import logging
 import re
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+
+from plugin.metrics.requests import request_series
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +46,13 @@ _LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 class S3Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "stowage_s3_requests",
+        self.requests, self.latency = request_series(
+            registry,
+            "stowage_s3",
+            "operation",
             "S3 requests made by the daemon, by operation and outcome.",
-            ("operation", "outcome"),
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "stowage_s3_request_duration_seconds",
             "Time an S3 request took, by operation.",
-            ("operation",),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
         self._lock = threading.Lock()
         self._operations: set[str] = set()

@@ -71,21 +71,18 @@ class VolumeCollector(Collector):
         yield from self._fuse_series(statuses)
 
     def _fuse_series(self, statuses: Mapping[str, dict[str, Any]]) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
+        up = _volume_gauge(
             "stowage_fuse_process_up",
             "1 while an S3 volume's FUSE process serves its mount, 0 once it died (a mounted "
             "volume whose process is gone); absent while the volume is not mounted.",
-            labels=("volume",),
         )
-        pending = GaugeMetricFamily(
+        pending = _volume_gauge(
             "stowage_fuse_uploads_pending",
             "Files of an S3 volume whose upload failed and whose data waits in its cache.",
-            labels=("volume",),
         )
-        dirty = GaugeMetricFamily(
+        dirty = _volume_gauge(
             "stowage_fuse_dirty_files",
             "Files written to an S3 volume and not uploaded yet (its FUSE process's count).",
-            labels=("volume",),
         )
         counters = {
             key: CounterMetricFamily(series, help_text, labels=("volume",))
@@ -113,6 +110,11 @@ class VolumeCollector(Collector):
         except (OSError, ValueError):
             return {}  # not written yet (a process of an older stowage writes none)
         return stats if isinstance(stats, dict) else {}
+
+
+def _volume_gauge(name: str, help_text: str) -> GaugeMetricFamily:
+    """A gauge family with one series per volume."""
+    return GaugeMetricFamily(name, help_text, labels=("volume",))
 
 
 def _number(value: object) -> float:
@@ -167,15 +169,13 @@ def _staging_series(statuses: Mapping[str, dict[str, Any]]) -> Iterator[Metric]:
         "1 while the volume's last staging job in this direction failed.",
         labels=("volume", "direction"),
     )
-    last_success = GaugeMetricFamily(
+    last_success = _volume_gauge(
         "stowage_stage_out_last_success_timestamp_seconds",
         "When the volume's last successful stage-out finished (Unix time).",
-        labels=("volume",),
     )
-    age = GaugeMetricFamily(
+    age = _volume_gauge(
         "stowage_stage_out_last_success_age_seconds",
         "Seconds since the volume's last successful stage-out finished.",
-        labels=("volume",),
     )
     counts = {(d, s): 0 for d in DIRECTIONS for s in JOB_STATES}
     now = time.time()

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,30 +52,23 @@ class Acquired:
     expired_at: float | None = None
 
 
+@dataclass(eq=False)
 class LeaseManager:
     """This host's leases: acquire at Mount, renew while busy, release when idle."""
 
-    def __init__(
-        self,
-        store: RegistryStore,
-        host: str,
-        ttl: float,
-        handover_state: Callable[[str], str],
-        on_handover: Callable[[str], None],
-    ) -> None:
-        self.store = store
-        self.host = host
-        self.ttl = ttl
-        self._handover_state = handover_state
-        #: Called when the lease comes from another host: this host's copy may be stale.
-        self._on_handover = on_handover
-        self._lock = threading.Lock()
-        #: name -> ETag of our lease object, for every lease this host holds.
-        self._held: dict[str, str] = {}
-        #: name -> what Status shows about the lease (holder, expiry, a takeover note).
-        self._notes: dict[str, dict[str, Any]] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    store: RegistryStore
+    host: str
+    ttl: float
+    handover_state: Callable[[str], str]
+    #: Called when the lease comes from another host: this host's copy may be stale.
+    on_handover: Callable[[str], None]
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    #: name -> ETag of our lease object, for every lease this host holds.
+    _held: dict[str, str] = field(default_factory=dict, init=False)
+    #: name -> what Status shows about the lease (holder, expiry, a takeover note).
+    _notes: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
 
     # -- acquiring ----------------------------------------------------------------------------
 
@@ -158,7 +151,7 @@ class LeaseManager:
             log.warning("lease of %s: %s", name, note["takeover"])
         self._notes[name] = note
         if previous and previous != self.host:
-            self._on_handover(name)
+            self.on_handover(name)
         return Acquired(None if previous == self.host else previous, taken_over, expired_at)
 
     def _doc(self, name: str, state: str) -> dict[str, Any]:
@@ -199,7 +192,7 @@ class LeaseManager:
     def tend(self, name: str) -> None:
         """Renew while busy (or while stage-out failed: the data exists only here), release
         once idle."""
-        state = self._handover_state(name)
+        state = self.handover_state(name)
         with self._lock:
             etag = self._held.get(name)
         if etag is None:

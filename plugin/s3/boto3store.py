@@ -5,6 +5,7 @@ through the s3fs codec (`plugin.s3.metadata.canonical`), whoever built it."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -42,31 +43,15 @@ class DeleteFailedError(Exception):
 class Boto3Store:
     """ObjectStore on a boto3 client (botocore's own retries off: the engine retries)."""
 
-    def __init__(
-        self,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        profile: str | None = None,
-        max_connections: int = 32,
-        client: Any = None,
-        ca_bundle: str | None = None,
-    ) -> None:
+    def __init__(self, settings: S3Settings | None = None, client: Any = None) -> None:
         # Credentials: botocore's whole chain, as the process's environment configures it
         # (keys, shared files and profiles, web identity, SSO, container credentials, the
         # instance metadata service). Nothing here may switch a source off or write to
         # os.environ: that would reach every later client in the daemon and every FUSE
         # process it starts, and on a host whose only credentials are its role, fail them all.
-        self.endpoint = endpoint_url or "AWS S3"
-        self._client = client or make_s3_client(
-            S3Settings(
-                endpoint_url=endpoint_url,
-                region=region,
-                profile=profile,
-                max_attempts=1,
-                max_pool_connections=max_connections,
-                ca_bundle=ca_bundle,
-            )
-        )
+        settings = settings or S3Settings()
+        self.endpoint = settings.endpoint_url or "AWS S3"
+        self._client = client or make_s3_client(dataclasses.replace(settings, max_attempts=1))
 
     def head(self, bucket: str, key: str) -> ObjectInfo | None:
         try:

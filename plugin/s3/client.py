@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -29,6 +28,7 @@ from plugin.s3.errors import (
     is_not_found,
     is_temp_failure,
 )
+from plugin.s3.settings import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +44,6 @@ __all__ = [
 
 #: Context key of a request's start time (monotonic seconds), set before each call.
 _STARTED = "stowage_started"
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where and how to connect. Secrets are deliberately not part of this."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    credentials_file: str | None = None
-    #: Seconds to wait for a TCP connection; loopback and LAN endpoints answer in milliseconds.
-    connect_timeout: float = 5.0
-    #: Seconds without a byte on an open connection before botocore gives up on it.
-    read_timeout: float = 60.0
-    #: Total attempts per request (botocore "standard" mode, with backoff and jitter).
-    max_attempts: int = 3
-    #: Must cover FUSE worker concurrency plus parallel multipart parts, or requests queue.
-    max_pool_connections: int = 32
-    #: Path-style URLs work with every S3-compatible server; virtual-host needs DNS.
-    path_style: bool = True
-    #: CA bundle for TLS endpoints (from plugin.settings); None: botocore's own choice.
-    ca_bundle: str | None = None
 
 
 def _before_call(model: Any = None, context: Any = None, **_: Any) -> None:

@@ -34,6 +34,7 @@ from plugin.s3.errors import FastPathError
 from plugin.s3.fallback import fast_or_fallback
 from plugin.s3.fast import FastClient
 from plugin.s3.metadata import canonical
+from plugin.s3.settings import S3Settings
 from plugin.s3.store import (
     CHECKSUM_MODE,
     NoCredentialsError,
@@ -75,18 +76,15 @@ class CrtStore:
 
     def __init__(
         self,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        profile: str | None = None,
-        max_connections: int = 32,
+        settings: S3Settings | None = None,
         part_size: int = 8 * 1024 * 1024,
         *,
-        ca_bundle: str | None = None,
         use_crt: bool | None = None,
     ) -> None:
-        region = region or "us-east-1"
-        self._boto_args = (endpoint_url, region, profile, max_connections)
-        self._ca_bundle = ca_bundle
+        settings = settings or S3Settings()
+        endpoint_url, region = settings.endpoint_url, settings.region or "us-east-1"
+        #: What the boto3 fallback is built from.
+        self._settings = dataclasses.replace(settings, region=region)
         self._boto: Boto3Store | None = None
         self._boto_lock = threading.Lock()
         self.endpoint = endpoint_url or "AWS S3"
@@ -100,15 +98,15 @@ class CrtStore:
             self._crt = CrtClient(
                 endpoint_url,
                 region,
-                profile,
+                settings.profile,
                 self._botocore_credentials,
-                max_connections=max_connections,
+                max_connections=settings.max_pool_connections,
                 part_size=part_size,
             )
             keys = self._crt.keys
         else:
             keys = s3credentials.from_botocore(self._botocore_credentials())
-        self._fast = _FastPath(endpoint_url, region, keys, ca_bundle)
+        self._fast = _FastPath(endpoint_url, region, keys, settings.ca_bundle)
 
     def _botocore_credentials(self) -> Any:
         """botocore's chain answer (imports boto3); NoCredentialsError if it has none."""
@@ -122,7 +120,7 @@ class CrtStore:
             if self._boto is None:
                 from plugin.s3.boto3store import Boto3Store
 
-                self._boto = Boto3Store(*self._boto_args, ca_bundle=self._ca_bundle)
+                self._boto = Boto3Store(self._settings)
             return self._boto
 
     # ---------------------------------------------------------------- bytes

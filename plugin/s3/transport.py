@@ -15,6 +15,7 @@ import ssl
 import struct
 import threading
 import time
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 from plugin.s3 import observe, xmldoc
 from plugin.s3.errors import FastPathError
@@ -98,32 +99,27 @@ class Conn:
             self.sock.close()
 
 
+@dataclass(eq=False)
 class Transport:
     """Kept-alive connections to one endpoint, one per thread; thread-safe."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        https: bool,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        ca_bundle: str | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.https = https
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        #: False once the server closes connections after each answer.
-        self.keepalive = True
-        self._local = threading.local()
-        #: Every open connection, whichever thread it belongs to, for `close`.
-        self._conns: set[Conn] = set()
-        self._conns_lock = threading.Lock()
-        #: TLS verification: the system's CAs, or the bundle the caller's settings name.
-        self._ssl = ssl.create_default_context(cafile=ca_bundle) if https else None
+    host: str
+    port: int
+    _: KW_ONLY
+    https: bool
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    #: TLS verification: the system's CAs, or the bundle the caller's settings name.
+    ca_bundle: InitVar[str | None] = None
+    #: False once the server closes connections after each answer.
+    keepalive: bool = field(default=True, init=False)
+    _local: threading.local = field(default_factory=threading.local, init=False)
+    #: Every open connection, whichever thread it belongs to, for `close`.
+    _conns: set[Conn] = field(default_factory=set, init=False)
+    _conns_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self, ca_bundle: str | None) -> None:
+        self._ssl = ssl.create_default_context(cafile=ca_bundle) if self.https else None
 
     def _call(
         self,

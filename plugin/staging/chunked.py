@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plugin.confined import Tree
@@ -175,34 +176,25 @@ def _filled_from_cache(down: S3ToLocal, t: Target, info: ObjectInfo, fd: int, pa
     return True
 
 
+@dataclass(eq=False)
 class ChunkedFile(SplitFile):
     """One large file being filled chunk by chunk from S3 or a local file."""
 
-    def __init__(
-        self,
-        local: ToLocal,
-        down: S3ToLocal | None,
-        t: Target,
-        entry: Entry,
-        info: ObjectInfo | None,
-        fd: int,
-        src_fd: int,
-        part: str,
-        journal: ChunkJournal,
-        nchunks: int,
-        hasher: Hasher | None,
-        crc_check: CrcCheck | None = None,
-    ) -> None:
-        super().__init__(local.ctx, t, fd, nchunks)
-        self.local = local
-        self.down = down
-        self.entry = entry
-        self.info = info
-        self.src_fd = src_fd
-        self.part = part
-        self.journal = journal
-        self.hasher = hasher
-        self.crc = crc_check
+    local: ToLocal
+    down: S3ToLocal | None
+    t: Target
+    entry: Entry
+    info: ObjectInfo | None
+    fd: int
+    src_fd: int
+    part: str
+    journal: ChunkJournal
+    nchunks: int
+    hasher: Hasher | None
+    crc: CrcCheck | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.local.ctx, self.t, self.fd, self.nchunks)
 
     def _given_up(self) -> bool:
         return self.error is not None or self.ctx.stopping()

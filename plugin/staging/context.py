@@ -20,7 +20,7 @@ from plugin.confined import Tree
 from plugin.s3.store import ObjectInfo, ObjectStore
 from plugin.staging.errors import CopyCancelledError, TransferError
 from plugin.staging.localfs import Entry
-from plugin.staging.locations import Location
+from plugin.staging.locations import Location, S3Location
 from plugin.staging.progress import CopyResult, FileError, ProgressTracker, TokenBucket
 from plugin.staging.scheduling import AbortError, Retrier, Scheduler, SplitJob, Task
 
@@ -57,38 +57,38 @@ class Plan:
     dst_index: dict[str, ObjectInfo] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
 class RunContext:
-    def __init__(
-        self,
-        src: Location,
-        dst: Location,
-        opts: CopyOptions,
-        store: ObjectStore | None,
-        endpoint: str = "",
-    ) -> None:
-        self.src = src
-        self.dst = dst
-        self.opts = opts
-        self.store = store
-        #: The S3 endpoint URL as configured ("" for the SDK default): part of a cached
-        #: object's identity.
-        self.endpoint = endpoint
+    """One copy run: its two sides, its options and what every part of the engine shares."""
+
+    src: Location
+    dst: Location
+    opts: CopyOptions
+    store: ObjectStore | None
+    #: The S3 endpoint URL as configured ("" for the SDK default): part of a cached
+    #: object's identity.
+    endpoint: str = ""
+    fatal: str | None = field(default=None, init=False)
+    result: CopyResult = field(default_factory=CopyResult, init=False)
+    scheduler: Scheduler = field(default_factory=lambda: Scheduler(()), init=False)
+    #: The local side(s), opened once: every name beneath them is reached fd-relative.
+    src_tree: Tree | None = field(default=None, init=False)
+    dst_tree: Tree | None = field(default=None, init=False)
+    #: Descriptors, hash threads and journals to release if the run stops midway.
+    open_fds: set[int] = field(default_factory=set, init=False)
+    hashers: set[Hasher] = field(default_factory=set, init=False)
+    journals: set[ChunkJournal] = field(default_factory=set, init=False)
+    _abort: threading.Event = field(default_factory=threading.Event, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        opts = self.opts
         self.cancel = opts.cancel or threading.Event()
-        self._abort = threading.Event()
-        self.fatal: str | None = None
         self.tracker = ProgressTracker(opts.progress, opts.progress_interval)
-        self.result = CopyResult()
-        self._lock = threading.Lock()
         self._bandwidth = TokenBucket(opts.bwlimit) if opts.bwlimit else None
-        self.retry = Retrier(store, opts.retries, opts.retry_delay, self.cancel, self.check_stop)
-        self.scheduler = Scheduler(())
-        #: The local side(s), opened once: every name beneath them is reached fd-relative.
-        self.src_tree: Tree | None = None
-        self.dst_tree: Tree | None = None
-        #: Descriptors, hash threads and journals to release if the run stops midway.
-        self.open_fds: set[int] = set()
-        self.hashers: set[Hasher] = set()
-        self.journals: set[ChunkJournal] = set()
+        self.retry = Retrier(
+            self.store, opts.retries, opts.retry_delay, self.cancel, self.check_stop
+        )
 
     # -- trees ---------------------------------------------------------------------------------
 
@@ -245,6 +245,11 @@ class Direction:
     def __init__(self, ctx: RunContext, plan: Plan) -> None:
         self.ctx = ctx
         self.plan = plan
+
+    def s3_side(self, loc: Location) -> tuple[str, ObjectStore]:
+        """The bucket of this run's S3 side *loc*, and the store that reaches it."""
+        assert isinstance(loc, S3Location) and self.ctx.store is not None
+        return loc.bucket, self.ctx.store
 
     def workers(self) -> int:
         return max(1, self.ctx.opts.jobs)

@@ -24,6 +24,7 @@ import logging
 import time
 
 from plugin.s3.metadata import format_mtime
+from plugin.s3.settings import S3Settings
 from plugin.s3.store import MAX_PARTS, MIN_PART_SIZE, NoCredentialsError, ObjectStore
 from plugin.staging.context import Direction, Plan, RunContext, Target
 from plugin.staging.copyoptions import DEFAULT_CHUNK_SIZE, CopyOptions, MiB, S3Options
@@ -69,7 +70,12 @@ __all__ = [
 
 def make_store(s3: S3Options, opts: CopyOptions) -> ObjectStore:
     """The ObjectStore for *s3*: the CRT byte path when available, boto3 otherwise."""
-    conns = opts.jobs * 2 + 4
+    settings = S3Settings(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        profile=s3.profile,
+        max_pool_connections=opts.jobs * 2 + 4,
+    )
     if s3.client in ("auto", "crt"):
         try:
             from plugin.s3.crtstore import CrtStore
@@ -80,14 +86,12 @@ def make_store(s3: S3Options, opts: CopyOptions) -> ObjectStore:
                 ) from None
         else:
             try:
-                return CrtStore(
-                    s3.endpoint_url, s3.region, s3.profile, conns, part_size=opts.chunk_size
-                )
+                return CrtStore(settings, part_size=opts.chunk_size)
             except NoCredentialsError as exc:
                 raise TransferError(str(exc)) from None
     from plugin.s3.boto3store import Boto3Store  # boto3 costs ~0.2 s to import
 
-    return Boto3Store(s3.endpoint_url, s3.region, s3.profile, conns)
+    return Boto3Store(settings)
 
 
 def copy(

@@ -13,6 +13,7 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from plugin.s3.store import ObjectStore
@@ -137,55 +138,48 @@ class SplitJob:
         raise NotImplementedError
 
 
+@dataclass
 class Retrier:
     """Runs S3 requests with the engine's retry rules: transient failures are retried with
     exponential backoff and jitter; an unreachable endpoint ends as a fatal TransferError
     that stops the whole copy."""
 
-    def __init__(
-        self,
-        store: ObjectStore | None,
-        retries: int,
-        delay: float,
-        cancel: threading.Event,
-        check_stop: Callable[[], None],
-    ) -> None:
-        self._store = store
-        self._retries = retries
-        self._delay = delay
-        self._cancel = cancel
-        self._check_stop = check_stop
+    store: ObjectStore | None
+    retries: int
+    delay: float
+    cancel: threading.Event
+    check_stop: Callable[[], None]
 
     def __call__(self, what: str, fn: Callable[[], T]) -> T:
         """Run *fn*, retrying transient S3 failures with exponential backoff and jitter."""
-        assert self._store is not None
+        assert self.store is not None
         attempt = 0
         while True:
-            self._check_stop()
+            self.check_stop()
             try:
                 return fn()
             except (StagingError, AbortError):
                 raise
             except Exception as exc:
-                transient = self._store.is_transient(exc)
-                if not transient or attempt >= self._retries:
+                transient = self.store.is_transient(exc)
+                if not transient or attempt >= self.retries:
                     raise self._transfer_error(what, exc, attempt + 1, transient) from exc
-                delay = min(self._delay * 2**attempt, 10.0) * (0.5 + random.random())
+                delay = min(self.delay * 2**attempt, 10.0) * (0.5 + random.random())
                 attempt += 1
                 log.info(
-                    "%s failed (%s); retry %d/%d in %.1fs", what, exc, attempt, self._retries, delay
+                    "%s failed (%s); retry %d/%d in %.1fs", what, exc, attempt, self.retries, delay
                 )
-                if self._cancel.wait(delay):
+                if self.cancel.wait(delay):
                     raise CopyCancelledError() from exc
 
     def _transfer_error(
         self, what: str, exc: BaseException, attempts: int, transient: bool
     ) -> TransferError:
-        assert self._store is not None
-        unreachable = self._store.is_unreachable(exc)
+        assert self.store is not None
+        unreachable = self.store.is_unreachable(exc)
         if unreachable:
             hint = (
-                f"cannot reach the S3 endpoint {self._store.endpoint}: check that it is up and "
+                f"cannot reach the S3 endpoint {self.store.endpoint}: check that it is up and "
                 "that --endpoint is right; finished chunks are kept and a rerun resumes"
             )
         elif transient:

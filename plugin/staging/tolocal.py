@@ -22,7 +22,6 @@ from plugin.staging import chunked, localfs, mirror
 from plugin.staging.context import Direction, Plan, RunContext, Target
 from plugin.staging.errors import VerificationError
 from plugin.staging.localfs import Entry, temp_paths
-from plugin.staging.locations import S3Location
 from plugin.staging.objcache import ObjectCache, ObjectIdentity
 from plugin.staging.scheduling import Task
 from plugin.staging.verify import clean_etag, md5_fd, plain_md5, verify_whole
@@ -178,6 +177,20 @@ class ToLocal(Direction):
             dt.unlink(journal, missing_ok=True)
             return dt.create_file(part, flags)
 
+    @contextlib.contextmanager
+    def whole_part(self, dst: str, flags: int = os.O_WRONLY) -> Iterator[tuple[str, int]]:
+        """The part file of *dst* copied whole, open for the block: closed after it, and
+        dropped if the block fails."""
+        part, journal = temp_paths(dst)
+        fd = self.new_part(part, journal, flags)
+        try:
+            yield part, fd
+        except BaseException:
+            self.drop_part(part)
+            raise
+        finally:
+            os.close(fd)
+
     def drop_part(self, part: str) -> None:
         """A failed whole-file copy keeps nothing: no resume for it, and on a full disk its
         bytes are what the next attempt needs."""
@@ -225,9 +238,7 @@ class LocalToLocal(ToLocal):
                 chunked.start_local(self, t, src_fd)
                 src_fd = -1  # owned by the chunked copy now
                 return
-            part, journal = temp_paths(t.dst)
-            dst_fd = self.new_part(part, journal)
-            try:
+            with self.whole_part(t.dst) as (part, dst_fd):
                 copied = [0]
 
                 def step(n: int) -> None:
@@ -241,11 +252,6 @@ class LocalToLocal(ToLocal):
                 if copied[0] != e.size:
                     raise VerificationError(f"copied {copied[0]} bytes of {e.size}; not renamed")
                 self.apply_meta(dst_fd, e.mode, e.atime_ns, e.mtime_ns, e.uid, e.gid)
-            except BaseException:
-                self.drop_part(part)
-                raise
-            finally:
-                os.close(dst_fd)
             self.rename(part, t.dst)
             ctx.file_copied(t, "size-only")
         finally:
@@ -275,9 +281,7 @@ class S3ToLocal(ToLocal):
 
     def __init__(self, ctx: RunContext, plan: Plan) -> None:
         super().__init__(ctx, plan)
-        assert isinstance(ctx.src, S3Location) and ctx.store is not None
-        self.bucket = ctx.src.bucket
-        self.store = ctx.store
+        self.bucket, self.store = self.s3_side(ctx.src)
         self.cache: ObjectCache | None = ctx.opts.object_cache
 
     def tasks(self) -> Iterator[Task]:
@@ -409,9 +413,7 @@ class S3ToLocal(ToLocal):
         if ident is None:
             return False
         self.prepare_parent(t.dst)
-        part, journal = temp_paths(t.dst)
-        fd = self.new_part(part, journal, os.O_RDWR)
-        try:
+        with self.whole_part(t.dst, os.O_RDWR) as (part, fd):
             if not self.fill(ident, fd):
                 self.drop_part(part)
                 return False
@@ -428,11 +430,6 @@ class S3ToLocal(ToLocal):
             else:
                 self.apply_meta(fd, mode, 0, mtime_ns, uid, gid, from_s3=True)
                 self.rename(part, t.dst)
-        except BaseException:
-            self.drop_part(part)
-            raise
-        finally:
-            os.close(fd)
         self.ctx.file_from_cache(t, ident.size)
         return True
 
@@ -480,19 +477,12 @@ class S3ToLocal(ToLocal):
             ctx.file_copied(t, check)
             return
         ident = self.identity(t.src, info.etag, info.size)
-        part, journal = temp_paths(t.dst)
-        fd = self.new_part(part, journal, os.O_RDWR if ident is not None else os.O_WRONLY)
-        try:
+        with self.whole_part(t.dst, os.O_RDWR if ident is not None else os.O_WRONLY) as (part, fd):
             view = memoryview(buf)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
             self.apply_meta(fd, mode, 0, mtime_ns, uid, gid, from_s3=True)
             self.admit(ident, fd, check)
-        except BaseException:
-            self.drop_part(part)
-            raise
-        finally:
-            os.close(fd)
         self.rename(part, t.dst)
         ctx.file_copied(t, check)

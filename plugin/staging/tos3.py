@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from plugin.s3.metadata import format_mtime, parse_mtime
 from plugin.s3.store import PartInfo, UploadInfo
@@ -21,7 +22,6 @@ from plugin.staging import mirror
 from plugin.staging.context import Direction, Plan, RunContext, SplitFile, Target, bind
 from plugin.staging.errors import StagingError, VerificationError
 from plugin.staging.localfs import Entry
-from plugin.staging.locations import S3Location
 from plugin.staging.verify import MD5_RE, clean_etag, multipart_etag, part_size_for, plain_md5
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ def _initiated(u: UploadInfo) -> float:
 class LocalToS3(Direction):
     def __init__(self, ctx: RunContext, plan: Plan) -> None:
         super().__init__(ctx, plan)
-        assert isinstance(ctx.dst, S3Location) and ctx.store is not None
-        self.bucket = ctx.dst.bucket
-        self.store = ctx.store
+        self.bucket, self.store = self.s3_side(ctx.dst)
 
     def copy_one(self, t: Target) -> None:
         ctx, e = self.ctx, t.entry
@@ -160,27 +158,22 @@ class LocalToS3(Direction):
         return mirror.delete_s3(self.ctx, self.plan, self.store, self.bucket)
 
 
+@dataclass(eq=False)
 class MultipartUpload(SplitFile):
     """One large file going up as a multipart upload; ListParts is its resume journal."""
 
-    def __init__(
-        self,
-        up: LocalToS3,
-        t: Target,
-        fd: int,
-        upload_id: str,
-        part_size: int,
-        nparts: int,
-        existing: dict[int, PartInfo],
-    ) -> None:
-        super().__init__(up.ctx, t, fd, nparts)
-        self.up = up
-        self.upload_id = upload_id
-        self.part_size = part_size
-        self.nparts = nparts
-        self.existing = existing
-        self.etags: dict[int, str] = {}
-        self.md5s: dict[int, bytes] = {}
+    up: LocalToS3
+    t: Target
+    fd: int
+    upload_id: str
+    part_size: int
+    nparts: int
+    existing: dict[int, PartInfo]
+    etags: dict[int, str] = field(default_factory=dict, init=False)
+    md5s: dict[int, bytes] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.up.ctx, self.t, self.fd, self.nparts)
 
     def part_task(self, number: int) -> Callable[[], None]:
         return self.piece(self._upload_part, number)

@@ -16,6 +16,7 @@ import pytest
 from stagingkit import S3Server, leftovers, write_random
 
 from plugin.s3.boto3store import Boto3Store
+from plugin.s3.settings import S3Settings
 from plugin.s3.store import Checksum, ObjectInfo, Sink
 from plugin.staging import CopyOptions, copy
 from plugin.staging import crc as crcmod
@@ -85,8 +86,8 @@ def _store(server: S3Server, client: str) -> Any:
         pytest.importorskip("awscrt")
         from plugin.s3.crtstore import CrtStore
 
-        return CrtStore(endpoint_url=server.endpoint)
-    return Boto3Store(endpoint_url=server.endpoint)
+        return CrtStore(S3Settings(endpoint_url=server.endpoint))
+    return Boto3Store(S3Settings(endpoint_url=server.endpoint))
 
 
 class _CorruptOneChunkStore(Boto3Store):
@@ -158,7 +159,7 @@ def test_unverified_download_reports_size_only(
         f"s3://{bucket}/d",
         str(tmp_path / "out"),
         _opts(verify=False),
-        store=Boto3Store(endpoint_url=moto_s3.endpoint),
+        store=Boto3Store(S3Settings(endpoint_url=moto_s3.endpoint)),
     )
     assert res.ok and res.checks == {"size-only": 1}
 
@@ -177,7 +178,7 @@ def test_one_bad_byte_is_caught_and_not_renamed(
     _put(moto_s3, bucket, "small.bin", _data(SMALL, 5), algorithm)
     for key, offset in (("big.bin", 2 * MiB + 17), ("small.bin", 1000)):
         dst = tmp_path / "d" / key
-        store = _CorruptOneChunkStore(offset, endpoint_url=moto_s3.endpoint)
+        store = _CorruptOneChunkStore(offset, settings=S3Settings(endpoint_url=moto_s3.endpoint))
         res = copy(f"s3://{bucket}/{key}", str(dst), _opts(), store=store)
         assert res.state == "failed", (key, res.errors)
         message = res.errors[0].message
@@ -215,13 +216,13 @@ def test_multipart_objects(
     data = _data(12 * MiB + 5, 6)
     _put_multipart(moto_s3, bucket, "mp.bin", data, 5 * MiB, algorithm, kind)
     dst = tmp_path / "out" / "mp.bin"
-    store = Boto3Store(endpoint_url=moto_s3.endpoint)
+    store = Boto3Store(S3Settings(endpoint_url=moto_s3.endpoint))
     res = copy(f"s3://{bucket}/mp.bin", str(dst), _opts(chunk_size=2 * MiB), store=store)
     assert res.ok, res.errors
     assert dst.read_bytes() == data
     assert res.checks == {check: 1}
     if check != "md5":
-        bad = _CorruptOneChunkStore(7 * MiB + 5, endpoint_url=moto_s3.endpoint)
+        bad = _CorruptOneChunkStore(7 * MiB + 5, settings=S3Settings(endpoint_url=moto_s3.endpoint))
         res = copy(
             f"s3://{bucket}/mp.bin", str(tmp_path / "bad.bin"), _opts(chunk_size=2 * MiB), store=bad
         )
@@ -276,14 +277,16 @@ def test_composite_multipart_crc(moto_s3: S3Server, bucket_name: str, tmp_path: 
     _put_multipart(moto_s3, bucket, "mp.bin", data, 5 * MiB, "CRC32C")
     value = _composite(data, 5 * MiB, "crc32c")
     assert value.endswith("-3")
-    good = _CompositeStore(value, endpoint_url=moto_s3.endpoint)
+    good = _CompositeStore(value, settings=S3Settings(endpoint_url=moto_s3.endpoint))
     res = copy(
         f"s3://{bucket}/mp.bin", str(tmp_path / "ok.bin"), _opts(chunk_size=2 * MiB), store=good
     )
     assert res.ok, res.errors
     assert res.checks == {"crc32c": 1}
     assert (tmp_path / "ok.bin").read_bytes() == data
-    bad = _CompositeStore(value, corrupt_at=11 * MiB, endpoint_url=moto_s3.endpoint)
+    bad = _CompositeStore(
+        value, corrupt_at=11 * MiB, settings=S3Settings(endpoint_url=moto_s3.endpoint)
+    )
     res = copy(
         f"s3://{bucket}/mp.bin", str(tmp_path / "bad.bin"), _opts(chunk_size=2 * MiB), store=bad
     )
@@ -327,7 +330,7 @@ def test_resumed_download_still_verifies(
         f"s3://{bucket}/big.bin",
         str(dst),
         _opts(jobs=1),
-        store=_FailFromStore(3 * MiB, endpoint_url=moto_s3.endpoint),
+        store=_FailFromStore(3 * MiB, settings=S3Settings(endpoint_url=moto_s3.endpoint)),
     )
     assert first.state == "failed" and not dst.exists()
     part, journal = temp_paths(str(dst))
@@ -338,9 +341,8 @@ def test_resumed_download_still_verifies(
             byte = fh.read(1)
             fh.seek(MiB + 5)
             fh.write(bytes([byte[0] ^ 0x10]))
-    res = copy(
-        f"s3://{bucket}/big.bin", str(dst), _opts(), store=Boto3Store(endpoint_url=moto_s3.endpoint)
-    )
+    store = Boto3Store(S3Settings(endpoint_url=moto_s3.endpoint))
+    res = copy(f"s3://{bucket}/big.bin", str(dst), _opts(), store=store)
     assert res.bytes_resumed >= 2 * MiB
     if tamper:
         assert res.state == "failed" and "does not match" in res.errors[0].message

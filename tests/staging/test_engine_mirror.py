@@ -14,6 +14,7 @@ import pytest
 from stagingkit import S3Server
 
 from plugin.s3.boto3store import Boto3Store
+from plugin.s3.settings import S3Settings
 from plugin.staging import CopyOptions, S3Options, copy
 from plugin.staging.cli import main as cp_main
 
@@ -208,7 +209,7 @@ def test_s3_nothing_deleted_after_a_failed_file(
     src = tmp_path / "src"
     _source(src)
     moto_s3.client().put_object(Bucket=bucket, Key="vol/stale.txt", Body=b"old")
-    store = _FailingPutStore(endpoint_url=moto_s3.endpoint)
+    store = _FailingPutStore(settings=S3Settings(endpoint_url=moto_s3.endpoint))
     try:
         result = copy(f"{src}/", f"s3://{bucket}/vol/", _opts(delete_extraneous=True), store=store)
     finally:

@@ -13,6 +13,7 @@ import pytest
 from stagingkit import S3Server, leftovers, snapshot
 
 from plugin.s3 import fast as s3fast
+from plugin.s3.settings import S3Settings
 from plugin.s3.store import ObjectInfo
 from plugin.staging import CopyOptions, copy
 from plugin.staging.engine import GET_BATCH, GET_BATCH_MAX, multipart_etag
@@ -53,7 +54,7 @@ def uploaded(rclone_s3: S3Server, bucket_name: str, tmp_path: Path) -> tuple[str
     bucket = rclone_s3.make_bucket(bucket_name)
     src = tmp_path / "src"
     _small_tree(src, GET_BATCH * 2 + GET_BATCH // 2)
-    store = CrtStore(endpoint_url=rclone_s3.endpoint)
+    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     try:
         up = copy(str(src), f"s3://{bucket}/tree", _opts(), store=store)
     finally:
@@ -77,7 +78,7 @@ def test_small_objects_come_down_in_pipelined_batches(
         return real(self, keys, max_size)
 
     monkeypatch.setattr(s3fast.FastClient, "get_many", spy)
-    store = CrtStore(endpoint_url=rclone_s3.endpoint)
+    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     try:
         down = copy(f"s3://{bucket}/tree", str(tmp_path / "back"), _opts(), store=store)
     finally:
@@ -107,7 +108,7 @@ def test_a_corrupted_batched_body_is_never_renamed(
     rclone_s3: S3Server, uploaded: tuple[str, Path], tmp_path: Path
 ) -> None:
     bucket, _src = uploaded
-    store = _CorruptFirstBody(endpoint_url=rclone_s3.endpoint)
+    store = _CorruptFirstBody(settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     back = tmp_path / "back"
     try:
         down = copy(f"s3://{bucket}/tree", str(back), _opts(retries=0), store=store)
@@ -135,7 +136,7 @@ def test_unanswered_batch_members_are_fetched_one_by_one(
     rclone_s3: S3Server, uploaded: tuple[str, Path], tmp_path: Path
 ) -> None:
     bucket, src = uploaded
-    store = _HalfAnswered(endpoint_url=rclone_s3.endpoint)
+    store = _HalfAnswered(settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     try:
         down = copy(f"s3://{bucket}/tree", str(tmp_path / "back"), _opts(), store=store)
     finally:
@@ -228,7 +229,7 @@ def test_large_upload_never_needs_boto3(
     bucket = rclone_s3.make_bucket(bucket_name)
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom((9 << 20) + 7))
-    store = CrtStore(endpoint_url=rclone_s3.endpoint)
+    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     try:
         up = copy(str(src), f"s3://{bucket}/big.bin", _opts(chunk_size=4 << 20), store=store)
         assert up.ok and up.bytes_copied == src.stat().st_size, up.errors

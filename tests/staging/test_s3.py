@@ -16,6 +16,7 @@ import pytest
 from stagingkit import S3Server, build_tree, leftovers, snapshot, start_rclone, write_random
 
 from plugin.s3.boto3store import Boto3Store
+from plugin.s3.settings import S3Settings
 from plugin.s3.store import ObjectInfo, Sink
 from plugin.staging import CopyOptions, S3Options, copy
 from plugin.staging.engine import temp_paths
@@ -116,7 +117,7 @@ def test_corruption_is_detected_and_never_renamed(
     bucket = rclone_s3.make_bucket(bucket_name)
     rclone_s3.put_random(bucket, "big.bin", 3 * MiB, tmp_path, seed=5)
     rclone_s3.client().put_object(Bucket=bucket, Key="small.txt", Body=b"small")
-    store = _CorruptingStore(endpoint_url=rclone_s3.endpoint)
+    store = _CorruptingStore(settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     result = copy(f"s3://{bucket}", str(tmp_path / "dst"), _opts(), store=store)
     assert result.state == "failed" and result.files_failed == 2
     assert all("does not match" in e.message for e in result.errors), result.errors
@@ -392,7 +393,7 @@ def test_broken_streams_are_retried_from_where_they_stopped(
 ) -> None:
     bucket = rclone_s3.make_bucket(bucket_name)
     obj = rclone_s3.put_random(bucket, "big.bin", 4 * MiB, tmp_path, seed=21)
-    store = _FlakyStore(endpoint_url=rclone_s3.endpoint)
+    store = _FlakyStore(settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     result = copy(f"s3://{bucket}/big.bin", str(tmp_path / "out.bin"), _opts(jobs=1), store=store)
     assert result.ok, result.errors
     assert _sha(tmp_path / "out.bin") == _sha(obj)
@@ -422,7 +423,7 @@ def test_chunks_waiting_for_the_hash_give_up_when_a_chunk_fails(
     bucket = rclone_s3.make_bucket(bucket_name)
     obj = rclone_s3.put_random(bucket, "big.bin", 12 * MiB + 3, tmp_path, seed=23)
     dst = tmp_path / "d" / "big.bin"
-    store = _FirstChunkFailsStore(endpoint_url=rclone_s3.endpoint)
+    store = _FirstChunkFailsStore(settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     opts = _opts(jobs=2)  # lead 4 of 13 chunks: most of them wait
     box: list[Any] = []
     runner = threading.Thread(
@@ -435,7 +436,7 @@ def test_chunks_waiting_for_the_hash_give_up_when_a_chunk_fails(
     failed = box[0]
     assert failed.state == "failed" and "connection reset" in failed.errors[0].message
     assert not dst.exists()
-    healthy = Boto3Store(endpoint_url=rclone_s3.endpoint)
+    healthy = Boto3Store(S3Settings(endpoint_url=rclone_s3.endpoint))
     again = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=healthy)
     assert again.ok, again.errors
     assert 0 < again.bytes_copied < obj.stat().st_size  # resumed, not started over
@@ -495,7 +496,7 @@ def test_multipart_etag_verified_per_part_and_corruption_caught(
     )
     assert good.ok, good.errors
     assert _sha(tmp_path / "good.bin") == _sha(src)
-    store = _CorruptOneChunkStore(7 * MiB + 5, endpoint_url=moto_s3.endpoint)
+    store = _CorruptOneChunkStore(7 * MiB + 5, settings=S3Settings(endpoint_url=moto_s3.endpoint))
     bad = copy(
         f"s3://{bucket}/mp.bin",
         str(tmp_path / "bad" / "x.bin"),
@@ -513,7 +514,9 @@ def test_plain_etag_one_bad_chunk_mid_file_is_caught(
     """Overlapped streaming MD5: a single corrupted chunk in the middle is still caught."""
     bucket = rclone_s3.make_bucket(bucket_name)
     rclone_s3.put_random(bucket, "big.bin", 6 * MiB + 3, tmp_path, seed=9)
-    store = _CorruptOneChunkStore(3 * MiB + 17, endpoint_url=rclone_s3.endpoint)
+    store = _CorruptOneChunkStore(
+        3 * MiB + 17, settings=S3Settings(endpoint_url=rclone_s3.endpoint)
+    )
     res = copy(f"s3://{bucket}/big.bin", str(tmp_path / "d" / "big.bin"), _opts(), store=store)
     assert res.state == "failed" and "does not match" in res.errors[0].message, res.errors
     assert not (tmp_path / "d" / "big.bin").exists()
@@ -560,7 +563,7 @@ def test_completed_upload_is_checked_against_its_parts(
 ) -> None:
     bucket = rclone_s3.make_bucket(bucket_name)
     write_random(tmp_path / "big.bin", 12 * MiB + 5, seed=9)
-    store = _CompleteAnswersStore(etag, size, endpoint_url=rclone_s3.endpoint)
+    store = _CompleteAnswersStore(etag, size, settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     dst = f"s3://{bucket}/big.bin"
     bad = copy(str(tmp_path / "big.bin"), dst, _opts(chunk_size=5 * MiB), store=store)
     assert bad.state == "failed" and error in bad.errors[0].message, bad.errors
@@ -574,7 +577,7 @@ def test_matching_multipart_etag_needs_no_head(
     bucket = rclone_s3.make_bucket(bucket_name)
     src = tmp_path / "big.bin"
     write_random(src, 12 * MiB + 5, seed=10)
-    store = _CompleteAnswersStore(endpoint_url=rclone_s3.endpoint)
+    store = _CompleteAnswersStore(settings=S3Settings(endpoint_url=rclone_s3.endpoint))
     up = copy(str(src), f"s3://{bucket}/big.bin", _opts(chunk_size=5 * MiB), store=store)
     assert up.ok and store.completed, up.errors
     assert store.heads_after_complete == 0

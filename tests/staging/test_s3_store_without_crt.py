@@ -13,6 +13,7 @@ import pytest
 from harness.s3servers import S3Server
 
 from plugin.s3.crtstore import CrtStore
+from plugin.s3.settings import S3Settings
 from plugin.staging import CopyOptions, copy
 
 pytestmark = pytest.mark.s3
@@ -32,7 +33,7 @@ def test_round_trip_without_the_crt(
     (src / "big.bin").write_bytes(os.urandom(11 << 20))  # three 4 MiB parts
     os.utime(src / "sub" / "f3.bin", ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
     opts: dict[str, Any] = {"chunk_size": 4 << 20, "jobs": 3, "retries": 1, "retry_delay": 0.05}
-    store = CrtStore(endpoint_url=rclone_s3.endpoint)
+    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     try:
         assert store._crt is None
         up = copy(str(src), f"s3://{bucket}/t", CopyOptions(**opts), store=store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,22 +48,15 @@ STAGE_OUT_BACKOFF_S = 5.0
 DEFAULT_JOBS = 4
 
 
+@dataclass(eq=False)
 class JobRunner:
     """Starts and runs the jobs of staged volumes; holds what every job needs."""
 
-    def __init__(
-        self,
-        allowed_check: Callable[[str], Path],
-        credentials: CredentialsFile,
-        room: Callable[[str], tuple[int, int] | None] | None = None,
-        jobs: int = DEFAULT_JOBS,
-        object_cache: ObjectCache | None = None,
-    ) -> None:
-        self.credentials = credentials
-        self._object_cache = object_cache
-        self._allowed_check = allowed_check
-        self._room = room
-        self._jobs = jobs
+    allowed_check: Callable[[str], Path]
+    credentials: CredentialsFile
+    room: Callable[[str], tuple[int, int] | None] | None = None
+    jobs: int = DEFAULT_JOBS
+    object_cache: ObjectCache | None = None
 
     # -- stage-in ------------------------------------------------------------------------------
 
@@ -92,7 +86,7 @@ class JobRunner:
             else:
                 # Resolved and checked against the allowed paths now, then opened with no
                 # symlink followed: a component swapped for a link since is refused.
-                real = self._allowed_check(vol.config.stage_in)
+                real = self.allowed_check(vol.config.stage_in)
                 src = LocalLocation(str(real), trailing_slash=True, no_symlinks=True)
             result = self._copy(
                 vol,
@@ -242,7 +236,7 @@ class JobRunner:
         job: JobState,
         delete_extraneous: bool = False,
     ) -> CopyResult:
-        fit_checked = dst.startswith("s3://") or self._room is None
+        fit_checked = dst.startswith("s3://") or self.room is None
 
         def progress(p: Progress) -> None:
             nonlocal fit_checked
@@ -257,7 +251,7 @@ class JobRunner:
 
         config = vol.config
         options = CopyOptions(
-            jobs=self._jobs,
+            jobs=self.jobs,
             preserve_owner=True if config.preserve_owner else None,
             owner=config.owner,
             bwlimit=config.bwlimit,
@@ -266,7 +260,7 @@ class JobRunner:
             progress_interval=0.5,
             cancel=vol.cancel,
             delete_extraneous=delete_extraneous,
-            object_cache=self._object_cache if dst.startswith("/") else None,
+            object_cache=self.object_cache if dst.startswith("/") else None,
         )
         store = None
         if config.profile and self.credentials.usable():
@@ -275,8 +269,8 @@ class JobRunner:
             from plugin.s3.boto3store import Boto3Store
             from plugin.s3.client import make_s3_client
 
-            client = make_s3_client(self.s3_settings(config))
-            store = Boto3Store(config.endpoint, config.region, config.profile, client=client)
+            settings = self.s3_settings(config)
+            store = Boto3Store(settings, client=make_s3_client(settings))
         s3 = S3Options(endpoint_url=config.endpoint, region=config.region, profile=config.profile)
         return copy(src, dst, options, s3=s3, store=store)
 
@@ -298,7 +292,7 @@ class JobRunner:
         """BackendError if stage-in's *needed* bytes cannot fit in a size-limited volume even
         if every byte in it now were overwritten (free space plus what is in use: files copied
         by an interrupted run count once)."""
-        room = self._room(vol.name) if self._room is not None else None
+        room = self.room(vol.name) if self.room is not None else None
         if room is None:
             return
         available, used = room
