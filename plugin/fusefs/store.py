@@ -37,6 +37,10 @@ MiB = 1 << 20
 
 
 DIR_CONTENT_TYPE = "application/x-directory"
+#: Single PUTs up to this size go through the fast path (hand-signed, Content-MD5 checked by
+#: the server): 64 KiB took 1.0-1.3 ms there against 2.4-2.8 ms through boto3 on the bench
+#: machine, most of a small file's create. Larger bodies go through boto3.
+FAST_PUT_MAX = MiB
 META_PREFIX = "x-amz-meta-"
 #: Connections (threads) a listing's pipelined HEADs are spread over.
 HEAD_STREAMS = 4
@@ -327,8 +331,24 @@ class ObjectStore:
     async def put_bytes(
         self, key: str, data: bytes, metadata: dict[str, str], content_type: str | None = None
     ) -> str | None:
-        with _put_not_found(key):
+        fast = self.fast_client
+
+        async def _fast() -> str | None:
+            assert fast is not None
+            headers = [(META_PREFIX + k.lower(), v) for k, v in metadata.items()]
+            if content_type:
+                headers.append(("content-type", content_type))
+            _, answer = await trio.to_thread.run_sync(
+                fast.put_object, key, data, headers, limiter=self._limiter
+            )
+            return _etag(answer.get("etag"))
+
+        async def _boto3() -> str | None:
             return await self._run(f"put {key}", self._put_sync, key, data, metadata, content_type)
+
+        usable = fast is not None and fast.enabled and len(data) <= FAST_PUT_MAX
+        with _put_not_found(key):
+            return await fast_or_fallback_async(f"PUT {key}", _fast if usable else None, _boto3)
 
     def _put_sync(
         self, key: str, data: bytes, metadata: dict[str, str], content_type: str | None
@@ -386,23 +406,16 @@ class ObjectStore:
         config: UploadConfig,
     ) -> str | None:
         """Upload `size` bytes of *fd*: one PUT below the threshold, multipart above."""
+        if size < config.multipart_threshold:
+            data = await trio.to_thread.run_sync(os.pread, fd, size, 0) if size else b""
+            return await self.put_bytes(key, data, metadata, content_type)
         with _put_not_found(key):
-            if size < config.multipart_threshold:
-                return await self._run(
-                    f"put {key}", self._put_fd_sync, key, fd, size, metadata, content_type
-                )
             upload = functools.partial(
                 upload_fd, part_size=config.part_size, concurrency=config.concurrency
             )
             what = f"multipart upload {key}"
             args = (self.client, self.bucket, key, fd, size, metadata, content_type)
             return _etag(await self._run(what, upload, *args))
-
-    def _put_fd_sync(
-        self, key: str, fd: int, size: int, metadata: dict[str, str], content_type: str | None
-    ) -> str | None:
-        data = os.pread(fd, size, 0) if size else b""
-        return self._put_sync(key, data, metadata, content_type)
 
     async def copy(
         self,
