@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from harness.loopfs import loop_mounted
 
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
@@ -23,18 +23,6 @@ from plugin.wiring import build_backends
 DriverFactory = Callable[..., VolumeDriver]
 
 FS_BYTES = 16 << 20
-COMMAND_TIMEOUT_S = 60
-
-
-def _run(*argv: str) -> str:
-    return subprocess.run(
-        argv, check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
-    ).stdout
-
-
-def _loop_devices(image: Path) -> list[str]:
-    out = _run("losetup", "--noheadings", "--output", "NAME", "-j", str(image))
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -46,24 +34,10 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     missing = [t for t in ("mkfs.ext4", "losetup", "mount", "umount") if not shutil.which(t)]
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (Debian: e2fsprogs, util-linux, mount)")
-    image = tmp_path / "fs.img"
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with image.open("wb") as f:
-        f.truncate(FS_BYTES)
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
-    try:
-        _run("mount", "-o", "loop", str(image), str(mnt))
+    with loop_mounted(
+        tmp_path / "fs.img", tmp_path / "mnt", FS_BYTES, ("mkfs.ext4", "-q", "-F", "-m", "0")
+    ) as mnt:
         yield mnt
-    finally:
-        if os.path.ismount(mnt):
-            try:
-                _run("umount", str(mnt))
-            except subprocess.SubprocessError:
-                _run("umount", "-l", str(mnt))  # something still holds it: detach lazily
-        for device in _loop_devices(image):
-            _run("losetup", "-d", device)
-        assert _loop_devices(image) == [], f"loop device of {image} left attached"
 
 
 @pytest.fixture

@@ -234,3 +234,17 @@ def snapshot(root: Path, dirs_meta: bool = True, mtimes: bool = True) -> dict[st
 def leftovers(root: Path) -> list[str]:
     """Temporary or journal files left in a destination tree."""
     return [str(p) for p in root.rglob(".stowage.*")]
+
+
+def staged_local(driver: Any) -> Any:
+    """The local backend of a driver core (its stager runs the staged volumes' jobs)."""
+    from plugin.backends.local import LocalBackend
+
+    backend = driver._backends["local"]
+    assert isinstance(backend, LocalBackend)
+    return backend
+
+
+def wait_idle(driver: Any, name: str, timeout: float = 60.0) -> None:
+    """Until no staging job of volume *name* runs (at most *timeout* seconds)."""
+    assert staged_local(driver).stager.wait_idle(name, timeout), f"staging of {name} still running"

@@ -3,12 +3,10 @@ what a crash leaves, and that a reflink really shares extents on a filesystem th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.loopfs import loop_mounted, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stagingkit import S3Server
@@ -34,7 +33,6 @@ from plugin.staging.stagecache import (
 )
 
 MiB = 1 << 20
-COMMAND_TIMEOUT_S = 60
 
 
 def ident(key: str = "models/a.bin", etag: str = "e1", size: int = MiB) -> ObjectIdentity:
@@ -355,17 +353,6 @@ def test_empty_object_round_trip(cache: StageCache, tmp_path: Path) -> None:
 # -- reflink on a real XFS --------------------------------------------------------------------
 
 
-def _run(*argv: str) -> str:
-    return subprocess.run(
-        argv, check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
-    ).stdout
-
-
-def _loop_devices(image: Path) -> list[str]:
-    out = _run("losetup", "--noheadings", "--output", "NAME", "-j", str(image))
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 @pytest.fixture
 def xfs_mount(tmp_path: Path) -> Iterator[Path]:
     """A fresh XFS with reflink=1 on a loop device; unmounted and detached even on failure."""
@@ -376,30 +363,14 @@ def xfs_mount(tmp_path: Path) -> Iterator[Path]:
     ]
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (Debian: xfsprogs, util-linux, e2fsprogs)")
-    image = tmp_path / "xfs.img"
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with image.open("wb") as fh:
-        fh.truncate(320 * MiB)  # sparse; mkfs.xfs refuses filesystems under 300 MB
-    _run("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image))
-    try:
-        _run("mount", "-o", "loop", str(image), str(mnt))
+    size = 320 * MiB  # sparse; mkfs.xfs refuses filesystems under 300 MB
+    mkfs = ("mkfs.xfs", "-q", "-f", "-m", "reflink=1")
+    with loop_mounted(tmp_path / "xfs.img", tmp_path / "mnt", size, mkfs) as mnt:
         yield mnt
-    finally:
-        if os.path.ismount(mnt):
-            try:
-                _run("umount", str(mnt))
-            except subprocess.SubprocessError:
-                _run("umount", "-l", str(mnt))
-        for device in _loop_devices(image):
-            _run("losetup", "-d", device)
-        with contextlib.suppress(OSError):
-            image.unlink()
-        assert _loop_devices(image) == [], f"loop device of {image} left attached"
 
 
 def _shared_extents(path: Path) -> bool:
-    return "shared" in _run("filefrag", "-v", str(path))
+    return "shared" in run("filefrag", "-v", str(path))
 
 
 def test_fill_reflinks_on_xfs(xfs_mount: Path, tmp_path: Path) -> None:

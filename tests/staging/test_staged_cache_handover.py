@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 from harness.counting_proxy import counting_proxy
-from stagingkit import S3Server
+from stagingkit import S3Server, staged_local, wait_idle
 
-from plugin.backends.local import LocalBackend
 from plugin.backends.staged import jobs as staging_mod
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
@@ -39,16 +38,6 @@ def make_driver(settings: Settings) -> Iterator[VolumeDriver]:
         yield driver
     finally:
         driver.close()
-
-
-def local(driver: VolumeDriver) -> LocalBackend:
-    backend = driver._backends["local"]
-    assert isinstance(backend, LocalBackend)
-    return backend
-
-
-def wait_idle(driver: VolumeDriver, name: str) -> None:
-    assert local(driver).stager.wait_idle(name, 60), f"staging of {name} still running"
 
 
 def test_second_volume_is_staged_from_the_cache_without_downloading(
@@ -121,7 +110,7 @@ def test_stage_in_after_a_handover_drops_files_the_other_host_deleted(
         # Another host held the volume meanwhile: it deleted old/ and changed keep.txt.
         client.delete_object(Bucket=bucket, Key="work/old/gone.txt")
         client.put_object(Bucket=bucket, Key="work/keep.txt", Body=b"kept, changed")
-        backend = local(driver)
+        backend = staged_local(driver)
         record = driver._record("v")
         backend.stager.force_stage_in(
             record, backend.data_path(record), backend._volume_dir(record)
@@ -151,7 +140,7 @@ def test_stage_in_after_a_handover_keeps_files_not_yet_uploaded(
         wait_idle(driver, "v")
         proxy.refuse = False
         assert driver.get("v").status["stage_out"]["state"] == "failed"
-        backend = local(driver)
+        backend = staged_local(driver)
         record = driver._record("v")
         backend.stager.force_stage_in(
             record, backend.data_path(record), backend._volume_dir(record)

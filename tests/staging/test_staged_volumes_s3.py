@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stagingkit import S3Server, start_rclone
+from stagingkit import S3Server, start_rclone, wait_idle
 
-from plugin.backends.local import LocalBackend
 from plugin.backends.staged import jobs as staging_mod
 from plugin.driver import VolumeDriver
 from plugin.driver.state import StateStore
@@ -38,12 +37,6 @@ def fast_stage_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(staging_mod, "STAGE_OUT_DELAY_S", 0.1)
     monkeypatch.setattr(staging_mod, "STAGE_OUT_BACKOFF_S", 0.2)
     monkeypatch.setattr(staging_mod, "STAGE_OUT_ATTEMPTS", 3)
-
-
-def wait_idle(driver: VolumeDriver, name: str, timeout: float = 60.0) -> None:
-    backend = driver._backends["local"]
-    assert isinstance(backend, LocalBackend)
-    assert backend.stager.wait_idle(name, timeout), f"staging of {name} still running"
 
 
 def keys(server: S3Server, bucket: str, prefix: str = "") -> dict[str, bytes]:
