@@ -157,6 +157,12 @@ def _env() -> dict[str, str]:
     }
 
 
+def drop_caches() -> None:
+    """Drop the clean page cache (root only): see `Bench.down_reset`."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def loadavg() -> str:
     with contextlib.suppress(OSError):
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -197,6 +203,7 @@ class Rclone:
     """`rclone serve s3` on loopback over a scratch directory; stop() leaves nothing behind."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         (root / "data").mkdir(parents=True)
@@ -385,6 +392,7 @@ class Bench:
         self.work = work
         self.ep = server.endpoint
         self.server_pid = server.proc.pid
+        self.server_root = server.root
         self.env = _env()
         self.env.update(
             {
@@ -478,9 +486,23 @@ class Bench:
         whichever tool happens to run first."""
         timed(self.s5("ls", f"s3://bench/{prefix}*"), self.env)
 
-    def down_reset(self, out: Path, prefix: str) -> Callable[[], None]:
+    def down_reset(
+        self, out: Path, prefix: str, *, clean_cache: bool = False
+    ) -> Callable[[], None]:
+        """Before each download run: remove the destination, warm rclone's MD5 cache. With
+        *clean_cache* (the 1 GiB object) also write back and drop the page cache, then read
+        the server's copy back in: every tool starts with the source in memory and nothing
+        dirty, so no run pays for the previous run's gigabyte (without this the same client
+        took 1 to 11 s here, depending on what the kernel was still writing back)."""
+
         def reset() -> None:
             rm(out)
+            if clean_cache:
+                os.sync()
+                drop_caches()
+                with open(self.server_root / "data" / "bench" / prefix, "rb") as f:
+                    while f.read(8 * MiB):
+                        pass
             self.warm(prefix)
 
         return reset
@@ -586,7 +608,7 @@ class Bench:
             self.compare(
                 Scenario("s3-down-1g", f"{a.big_mib} MiB object", big_mib, 1, store=self.store),
                 runs,
-                self.down_reset(out, "src/big.bin"),
+                self.down_reset(out, "src/big.bin", clean_cache=True),
                 reps=a.big_reps,
             )
         if want("s3-down-1g-crc"):
@@ -885,8 +907,10 @@ def render(b: Bench, facts: dict[str, str], elapsed: float) -> str:
         f"the page cache, destination removed before each run.\n"
         f"- Before every timed run (untimed): the destination is removed, `sync` flushes the "
         f"previous run's dirty pages, and for downloads the source prefix is listed once so "
-        f"rclone's per-file MD5 (ETag) cache is warm for every tool alike. Uploads go to a "
-        f"fresh prefix per tool and repetition.\n"
+        f"rclone's per-file MD5 (ETag) cache is warm for every tool alike. Before each "
+        f"s3-down-1g run the page cache is also dropped (`echo 3 > /proc/sys/vm/drop_caches`) "
+        f"and the server's copy read back in, so every tool starts with the source in memory "
+        f"and nothing dirty. Uploads go to a fresh prefix per tool and repetition.\n"
         f"- Wall time and peak RSS from `wait4` of the tool's own process. Order: scenario by "
         f"scenario, each repetition runs every tool in turn."
     )

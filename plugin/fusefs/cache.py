@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from plugin.atomic import write_atomically
-from plugin.fusefs.entry import CacheEntry, Fetch, Ranges
+from plugin.fusefs.entry import CacheEntry, CacheUsage, Fetch, Ranges
 from plugin.fusefs.errors import FsError, RemoteError, StaleError, UploadFailedError
 from plugin.fusefs.stats import FuseStats
 from plugin.fusefs.store import ObjectStore, UploadConfig
@@ -140,6 +140,8 @@ class DataCache:
     _lock_fd: int | None = field(default=None, init=False)
     #: Counters for the daemon's metrics (plugin.fusefs.stats).
     stats: FuseStats = field(default_factory=FuseStats, init=False)
+    #: Bytes held by open entries, kept by the entries themselves.
+    usage: CacheUsage = field(default_factory=CacheUsage, init=False)
 
     def __post_init__(self, stream_part: int, stream_buffers: int) -> None:
         #: Buffers for streamed reads; zero buffers turns streaming off.
@@ -193,7 +195,11 @@ class DataCache:
     ) -> CacheEntry:
         path = self.cache_dir / f"{uuid.uuid4().hex}.data"
         return CacheEntry(
-            path, remote_key=remote_key, remote_size=remote_size, remote_etag=remote_etag
+            path,
+            remote_key=remote_key,
+            remote_size=remote_size,
+            remote_etag=remote_etag,
+            usage=self.usage,
         )
 
     def read_ahead(self) -> ReadAhead:
@@ -507,7 +513,11 @@ class DataCache:
         return True
 
     def evict(self, nodes: Iterable[Node]) -> None:
-        """Drop clean, unopened entries, oldest first, until the cache fits in `max_size`."""
+        """Drop clean, unopened entries, oldest first, until the cache fits in `max_size`.
+
+        *nodes* are walked only when the open entries' summed size is over the limit."""
+        if self.usage.bytes <= self.max_size:
+            return
         candidates = []
         total = 0
         for node in nodes:

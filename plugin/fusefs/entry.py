@@ -78,6 +78,15 @@ class Ranges:
         return i >= 0 and self._ends[i] >= end
 
 
+@dataclass
+class CacheUsage:
+    """The summed size of all open cache entries, which eviction compares with the cache's
+    limit. Entries keep it as they grow, shrink and close, so closing a file does not walk
+    every cached entry (a create burst of N files would cost O(N^2))."""
+
+    bytes: int = 0
+
+
 @dataclass(eq=False)
 class Fetch:
     """One ranged GET in flight into a cache file; `error` is set if it failed."""
@@ -92,9 +101,18 @@ class CacheEntry:
     """The local copy of one file's data (see the module invariants)."""
 
     def __init__(
-        self, data_path: Path, *, remote_key: str | None, remote_size: int, remote_etag: str | None
+        self,
+        data_path: Path,
+        *,
+        remote_key: str | None,
+        remote_size: int,
+        remote_etag: str | None,
+        usage: CacheUsage | None = None,
     ) -> None:
         self.data_path = data_path
+        self._usage = usage if usage is not None else CacheUsage()
+        self._size = 0
+        self.closed = False
         self.journal_path = data_path.with_suffix(".json")
         self.fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.remote_key = remote_key
@@ -109,11 +127,22 @@ class CacheEntry:
         self.upload_failed = False
         self.lock = trio.Lock()
         self.last_used = time.monotonic()
-        self.closed = False
         #: Ranged GETs writing into `fd` right now (a handful at most).
         self.fetches: list[Fetch] = []
         #: Memory parts of a sequential reader (see stream.py); None when not streaming.
         self.stream: Stream | None = None
+
+    @property
+    def size(self) -> int:
+        """The file's current length here (written or truncated; the remote size until
+        then)."""
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        if not self.closed:
+            self._usage.bytes += value - self._size
+        self._size = value
 
     def end_stream(self) -> None:
         if self.stream is not None:
@@ -125,6 +154,7 @@ class CacheEntry:
         if self.closed:
             return
         self.closed = True
+        self._usage.bytes -= self._size
         self.end_stream()
         if not keep_file:
             for p in (self.data_path, self.journal_path):

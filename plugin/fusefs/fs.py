@@ -43,11 +43,15 @@ from plugin.fusefs.inodes import (
 from plugin.fusefs.listing import Listings
 from plugin.fusefs.namespace import Namespace
 from plugin.fusefs.smallfiles import SmallObjects
-from plugin.fusefs.store import DIR_CONTENT_TYPE, ObjectInfo, ObjectStore
+from plugin.fusefs.store import DIR_CONTENT_TYPE, ListPage, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC
+
+#: Lookups below one directory that found nothing, in a row, after which the next one
+#: sends its HEAD and its LIST together (`ObjectStore.stat`): a program creating files.
+CREATE_BURST_MISSES = 2
 
 
 @dataclass(frozen=True)
@@ -154,15 +158,23 @@ class S3Filesystem:
 
     async def _stat_path(self, path: str) -> Node | None:
         """Ask S3 what *path* is: HEAD for a file (unless a GET fetched it ahead), then one
-        LIST for a directory."""
+        LIST for a directory (`ObjectStore.stat`). While lookups below the parent keep
+        finding nothing, both requests go out together."""
         key = self.key(path)
-        info = await self.small.lookup_info(key) or await self.store.head(key)
-        if info is not None:
-            return self.inodes.upsert(
-                path, self.file_attrs(info, meta=True), meta_loaded=True, etag=info.etag
-            )
         dkey = self.dir_key(path)
-        page = await self.store.list_page(dkey, None, delimiter="/", max_keys=1)
+        parent = self.inodes.find(path.rpartition("/")[0])
+        creating = parent is not None and parent.misses_in_a_row >= CREATE_BURST_MISSES
+        found = await self.small.lookup_info(key) or await self.store.stat(
+            key, dkey, expect_missing=creating
+        )
+        if parent is not None:
+            missed = isinstance(found, ListPage) and not found.files and not found.dirs
+            parent.misses_in_a_row = parent.misses_in_a_row + 1 if missed else 0
+        if isinstance(found, ObjectInfo):
+            return self.inodes.upsert(
+                path, self.file_attrs(found, meta=True), meta_loaded=True, etag=found.etag
+            )
+        page = found
         if not page.files and not page.dirs:
             return None
         marker = None

@@ -112,6 +112,9 @@ class Node:
     symlink_target: bytes | None = None
     #: Another client replaced the object; the next lookup hands out a new inode.
     replaced: bool = False
+    #: Lookups below this directory that found nothing, in a row: a program is creating
+    #: files here (see `S3Filesystem._stat_path`).
+    misses_in_a_row: int = 0
 
     @property
     def is_dir(self) -> bool:

@@ -60,6 +60,14 @@ def _put_not_found(key: str) -> Iterator[None]:
         ) from exc
 
 
+def _read_whole(fd: int, size: int) -> bytes:
+    """The first *size* bytes of cache file *fd*: short means it changed under us."""
+    data = os.pread(fd, size, 0) if size else b""
+    if len(data) != size:
+        raise OSError(f"cache file holds {len(data)} bytes, not {size}")
+    return data
+
+
 @dataclass(frozen=True)
 class UploadConfig:
     """When a file goes up in parts, how large they are and how many go at once."""
@@ -290,6 +298,48 @@ class ObjectStore:
         r = await fast_or_fallback_async(
             f"LIST {prefix}", _fast if fast is not None and fast.enabled else None, _boto3
         )
+        return self._page(r)
+
+    async def stat(
+        self, key: str, dir_prefix: str, *, expect_missing: bool = False
+    ) -> ObjectInfo | ListPage:
+        """What a name is: the object at *key* if there is one, else the first entry below
+        *dir_prefix* (empty: no directory either).
+
+        HEAD and, after a 404, LIST run in one worker-thread job: the LOOKUP of a new name
+        pays one hand-off to a thread, not two (about 0.15 ms each on this machine's 2
+        cores). With *expect_missing* (a program is creating files in that directory) both
+        go out pipelined, in one round trip; otherwise a name that is a file never pays a
+        LIST, which costs more than a HEAD on AWS."""
+        fast = self.fast_client
+
+        async def _general() -> ObjectInfo | ListPage:
+            info = await self.head(key, fast=False)
+            return info if info is not None else await self.list_dir_probe(dir_prefix)
+
+        if fast is None or not fast.enabled:
+            return await _general()
+        try:
+            head, listed = await trio.to_thread.run_sync(
+                functools.partial(fast.head_then_list, key, dir_prefix, together=expect_missing),
+                limiter=self._limiter,
+            )
+        except FastPathError as exc:
+            log.debug("fast HEAD/LIST %s: %s; using the general client", key, exc)
+            return await _general()
+        info = self.info_from_headers(key, *head)
+        if info is not None:
+            return info
+        assert listed is not None  # a 404 always comes with the LIST's answer
+        return self._page(listed)
+
+    async def list_dir_probe(self, dir_prefix: str) -> ListPage:
+        """The first entry below *dir_prefix*: empty if no directory is there."""
+        return await self.list_page(dir_prefix, None, delimiter="/", max_keys=1)
+
+    @staticmethod
+    def _page(r: dict[str, Any]) -> ListPage:
+        """A ListObjectsV2 answer (fast path or boto3 form) as a `ListPage`."""
         files = [
             ObjectInfo(
                 key=o["Key"],
@@ -331,7 +381,25 @@ class ObjectStore:
     async def put_bytes(
         self, key: str, data: bytes, metadata: dict[str, str], content_type: str | None = None
     ) -> str | None:
+        return await self._put(key, len(data), lambda: data, metadata, content_type)
+
+    async def _put(
+        self,
+        key: str,
+        size: int,
+        body: Callable[[], bytes],
+        metadata: dict[str, str],
+        content_type: str | None,
+    ) -> str | None:
+        """One PUT of the *size* bytes that *body* returns (it runs in the worker thread, so
+        reading a cache file and sending it cost one hand-off to a thread, not two)."""
         fast = self.fast_client
+        got: list[bytes] = []
+
+        def _body() -> bytes:
+            if not got:
+                got.append(body())
+            return got[0]
 
         async def _fast() -> str | None:
             assert fast is not None
@@ -339,14 +407,16 @@ class ObjectStore:
             if content_type:
                 headers.append(("content-type", content_type))
             _, answer = await trio.to_thread.run_sync(
-                fast.put_object, key, data, headers, limiter=self._limiter
+                lambda: fast.put_object(key, _body(), headers), limiter=self._limiter
             )
             return _etag(answer.get("etag"))
 
         async def _boto3() -> str | None:
-            return await self._run(f"put {key}", self._put_sync, key, data, metadata, content_type)
+            return await self._run(
+                f"put {key}", lambda: self._put_sync(key, _body(), metadata, content_type)
+            )
 
-        usable = fast is not None and fast.enabled and len(data) <= FAST_PUT_MAX
+        usable = fast is not None and fast.enabled and size <= FAST_PUT_MAX
         with _put_not_found(key):
             return await fast_or_fallback_async(f"PUT {key}", _fast if usable else None, _boto3)
 
@@ -407,8 +477,9 @@ class ObjectStore:
     ) -> str | None:
         """Upload `size` bytes of *fd*: one PUT below the threshold, multipart above."""
         if size < config.multipart_threshold:
-            data = await trio.to_thread.run_sync(os.pread, fd, size, 0) if size else b""
-            return await self.put_bytes(key, data, metadata, content_type)
+            return await self._put(
+                key, size, functools.partial(_read_whole, fd, size), metadata, content_type
+            )
         with _put_not_found(key):
             upload = functools.partial(
                 upload_fd, part_size=config.part_size, concurrency=config.concurrency

@@ -143,18 +143,75 @@ class FastClient(Transport):
         NextContinuationToken. Blocking; FastPathError for anything unexpected."""
         if not self.enabled:
             raise FastPathError("disabled")
+        status, _headers, body = self._call(
+            "LIST", self._list_request(prefix, token, delimiter, max_keys)
+        )
+        return self._listed(status, body)
+
+    def _list_request(
+        self, prefix: str, token: str | None, delimiter: str | None, max_keys: int
+    ) -> bytes:
         query = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
         query["prefix"] = prefix
         if delimiter:
             query["delimiter"] = delimiter
         if token:
             query["continuation-token"] = token
-        request = self.request_bytes("", method="GET", query=query)
-        status, _headers, body = self._call("LIST", request)
+        return self.request_bytes("", method="GET", query=query)
+
+    def _listed(self, status: int, body: bytes) -> dict[str, Any]:
         if status != 200:
             self._refused(status)
             raise FastPathError(f"LIST HTTP {status}", status=status)
         return xmldoc.parse_list(body)
+
+    def head_then_list(
+        self, key: str, prefix: str, *, together: bool
+    ) -> tuple[tuple[int, dict[str, str]], dict[str, Any] | None]:
+        """What a name is: HEAD *key* (as `head` answers it) and, only if that is a 404, the
+        first entry below *prefix* (as `list_v2` answers it); None when the HEAD found one.
+
+        With *together*, on a server that pipelines, both requests go out at once: one
+        round trip. The LIST's answer is then read and dropped if the HEAD found an object,
+        so the caller asks for it only when a 404 is likely (a program creating files)."""
+        if not (together and self.enabled and self.keepalive and self.pipelining):
+            answer = self.head(key)
+            return answer, None if answer[0] != 404 else self.list_v2(prefix, None, "/", 1)
+        conn = self._live_conn()
+        reused = conn is not None
+        first_answered = False
+        sent = time.monotonic()
+        try:
+            if conn is None:
+                conn = self._local.conn = self._connect()
+            conn.sock.sendall(self.request_bytes(key) + self._list_request(prefix, None, "/", 1))
+            status, headers = self._read_response(conn)
+            first_answered = True
+            self._trial_timeout(conn, sent)
+            list_status, list_headers = self._read_response(conn)
+            body = self._read_body(conn, list_headers)
+            self._trial_passed(conn, 2)
+            if not conn.reusable:
+                self._drop()
+        except (OSError, ValueError, FastPathError) as exc:
+            self._drop()
+            record("HeadObject", "error", time.monotonic() - sent)
+            if first_answered or not reused:
+                # Not a kept-alive connection the server had closed: it does not pipeline.
+                self.pipelining = False
+            log.debug("pipelined HEAD and LIST fell back to single requests: %s", exc)
+            return self.head_then_list(key, prefix, together=False)
+        elapsed = time.monotonic() - sent
+        record("HeadObject", answer_outcome(status), elapsed)
+        record("ListObjectsV2", answer_outcome(list_status, body), elapsed)
+        if status in (400, 403):
+            self.enabled = False
+            log.info("fast HEAD path refused by the server (HTTP %d); using boto3", status)
+        if status not in (200, 404):
+            raise FastPathError(f"HTTP {status}", status=status)
+        if status != 404:
+            return (status, headers), None
+        return (status, headers), self._listed(list_status, body)
 
     def get_object(self, key: str, max_size: int) -> tuple[int, dict[str, str], bytes]:
         """GET a whole (small) object: (status, lower-cased headers, body). 200 and 404 come

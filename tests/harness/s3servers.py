@@ -149,13 +149,14 @@ class S3Server:
     def stop(self) -> None:
         stop_child(self.proc)
 
-    def client(self, **config: Any) -> Any:
+    def client(self, *, endpoint_url: str | None = None, **config: Any) -> Any:
+        """A boto3 client of this server (or of *endpoint_url*, e.g. a proxy in front)."""
         import boto3
         import botocore.config
 
         return boto3.client(
             "s3",
-            endpoint_url=self.endpoint,
+            endpoint_url=endpoint_url or self.endpoint,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
