@@ -243,13 +243,11 @@ class ChunkedFile(SplitFile):
         feed = self.crc.feeder(index) if self.crc is not None else None
 
         def sink(offset: int, data: memoryview) -> None:
-            n = os.pwrite(fd, data, offset)
-            if n != len(data):
-                raise OSError(28, "short write (disk full?)")
+            localfs.pwrite_all(fd, data, offset)
             if feed is not None:
                 feed.update(offset, data)
-            got[0] += n
-            ctx.moved(n)
+            got[0] += len(data)
+            ctx.moved(len(data))
 
         def attempt() -> ObjectInfo:
             # A retry asks only for what the broken stream did not deliver.
