@@ -408,6 +408,7 @@ async def _run(
     if startup_failed:
         return 2
     failed = await fs.flush_all()
+    await fs.store.aclose()
     if failed:
         log.error(
             "%d file(s) could not be uploaded; their data is kept in %s", failed, fs.cache.cache_dir

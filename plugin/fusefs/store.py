@@ -22,6 +22,7 @@ import trio
 
 from plugin.fusefs import ranged
 from plugin.fusefs.errors import FsError, NotFoundError, RemoteError, StaleError
+from plugin.fusefs.loopio import LOOP_PUT_MAX, LoopRequests
 from plugin.s3.dates import from_datetime, parse_http_date
 from plugin.s3.errors import PRECONDITION_CODES, FastPathError, error_code, is_not_found
 from plugin.s3.fallback import fast_or_fallback_async
@@ -149,6 +150,25 @@ class ObjectStore:
         self._data_limiter = trio.CapacityLimiter(data_threads)
         #: Cheap signed HEAD, LIST and GET (see plugin.s3.fast); None means boto3 only.
         self.fast_client: FastClient | None = None
+        #: HEAD, LIST and small PUTs sent from the trio loop itself (plugin.fusefs.loopio);
+        #: False sends them from worker threads, as everything else.
+        self.loop_io = True
+        self._loop: LoopRequests | None = None
+
+    async def aclose(self) -> None:
+        """Close the loop's connections (the worker threads' close with the fast client)."""
+        if self._loop is not None:
+            await self._loop.aclose()
+            self._loop = None
+
+    def loop_requests(self) -> LoopRequests | None:
+        """The loop's own requests for the current fast client, if it is on."""
+        fast = self.fast_client
+        if not self.loop_io or fast is None or not fast.enabled:
+            return None
+        if self._loop is None or self._loop.fast is not fast:
+            self._loop = LoopRequests(fast)
+        return self._loop
 
     async def _run(
         self,
@@ -320,10 +340,7 @@ class ObjectStore:
         if fast is None or not fast.enabled:
             return await _general()
         try:
-            head, listed = await trio.to_thread.run_sync(
-                functools.partial(fast.head_then_list, key, dir_prefix, together=expect_missing),
-                limiter=self._limiter,
-            )
+            head, listed = await self._head_then_list(key, dir_prefix, expect_missing)
         except FastPathError as exc:
             log.debug("fast HEAD/LIST %s: %s; using the general client", key, exc)
             return await _general()
@@ -332,6 +349,23 @@ class ObjectStore:
             return info
         assert listed is not None  # a 404 always comes with the LIST's answer
         return self._page(listed)
+
+    async def _head_then_list(
+        self, key: str, dir_prefix: str, together: bool
+    ) -> tuple[tuple[int, dict[str, str]], dict[str, Any] | None]:
+        """`FastClient.head_then_list` from the loop, else (or if that fails) in one
+        worker-thread job."""
+        loop = self.loop_requests()
+        if loop is not None:
+            try:
+                return await loop.head_then_list(key, dir_prefix, together=together)
+            except FastPathError as exc:
+                log.debug("HEAD/LIST %s from the loop: %s; from a worker thread", key, exc)
+        assert self.fast_client is not None
+        return await trio.to_thread.run_sync(
+            functools.partial(self.fast_client.head_then_list, key, dir_prefix, together=together),
+            limiter=self._limiter,
+        )
 
     async def list_dir_probe(self, dir_prefix: str) -> ListPage:
         """The first entry below *dir_prefix*: empty if no directory is there."""
@@ -391,10 +425,17 @@ class ObjectStore:
         metadata: dict[str, str],
         content_type: str | None,
     ) -> str | None:
-        """One PUT of the *size* bytes that *body* returns (it runs in the worker thread, so
-        reading a cache file and sending it cost one hand-off to a thread, not two)."""
+        """One PUT of the *size* bytes that *body* returns.
+
+        Up to `LOOP_PUT_MAX` bytes it goes from the loop itself (plugin.fusefs.loopio; *body*
+        then reads the cache file on the loop, as FUSE writes already write it there);
+        larger, or if that fails, from a worker thread, where *body* runs too, so reading
+        and sending cost one hand-off, not two."""
         fast = self.fast_client
         got: list[bytes] = []
+        headers = [(META_PREFIX + k.lower(), v) for k, v in metadata.items()]
+        if content_type:
+            headers.append(("content-type", content_type))
 
         def _body() -> bytes:
             if not got:
@@ -403,9 +444,12 @@ class ObjectStore:
 
         async def _fast() -> str | None:
             assert fast is not None
-            headers = [(META_PREFIX + k.lower(), v) for k, v in metadata.items()]
-            if content_type:
-                headers.append(("content-type", content_type))
+            loop = self.loop_requests() if size <= LOOP_PUT_MAX else None
+            if loop is not None:
+                try:
+                    return _etag(await loop.put_object(key, _body(), headers))
+                except FastPathError as exc:
+                    log.debug("PUT %s from the loop: %s; from a worker thread", key, exc)
             _, answer = await trio.to_thread.run_sync(
                 lambda: fast.put_object(key, _body(), headers), limiter=self._limiter
             )

@@ -144,11 +144,11 @@ class FastClient(Transport):
         if not self.enabled:
             raise FastPathError("disabled")
         status, _headers, body = self._call(
-            "LIST", self._list_request(prefix, token, delimiter, max_keys)
+            "LIST", self.list_request(prefix, token, delimiter, max_keys)
         )
-        return self._listed(status, body)
+        return self.listed(status, body)
 
-    def _list_request(
+    def list_request(
         self, prefix: str, token: str | None, delimiter: str | None, max_keys: int
     ) -> bytes:
         query = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys)}
@@ -159,7 +159,8 @@ class FastClient(Transport):
             query["continuation-token"] = token
         return self.request_bytes("", method="GET", query=query)
 
-    def _listed(self, status: int, body: bytes) -> dict[str, Any]:
+    def listed(self, status: int, body: bytes) -> dict[str, Any]:
+        """A LIST answer parsed (see `list_v2`); FastPathError unless it is a 200."""
         if status != 200:
             self._refused(status)
             raise FastPathError(f"LIST HTTP {status}", status=status)
@@ -184,7 +185,7 @@ class FastClient(Transport):
         try:
             if conn is None:
                 conn = self._local.conn = self._connect()
-            conn.sock.sendall(self.request_bytes(key) + self._list_request(prefix, None, "/", 1))
+            conn.sock.sendall(self.request_bytes(key) + self.list_request(prefix, None, "/", 1))
             status, headers = self._read_response(conn)
             first_answered = True
             self._trial_timeout(conn, sent)
@@ -204,14 +205,10 @@ class FastClient(Transport):
         elapsed = time.monotonic() - sent
         record("HeadObject", answer_outcome(status), elapsed)
         record("ListObjectsV2", answer_outcome(list_status, body), elapsed)
-        if status in (400, 403):
-            self.enabled = False
-            log.info("fast HEAD path refused by the server (HTTP %d); using boto3", status)
-        if status not in (200, 404):
-            raise FastPathError(f"HTTP {status}", status=status)
+        self.head_answer(status)
         if status != 404:
             return (status, headers), None
-        return (status, headers), self._listed(list_status, body)
+        return (status, headers), self.listed(list_status, body)
 
     def get_object(self, key: str, max_size: int) -> tuple[int, dict[str, str], bytes]:
         """GET a whole (small) object: (status, lower-cased headers, body). 200 and 404 come
@@ -342,21 +339,12 @@ class FastClient(Transport):
         headers: list[tuple[str, str]],
         md5: bytes | None,
     ) -> tuple[int, dict[str, str]]:
-        """The server checks Content-MD5; the payload itself is not signed (UNSIGNED-PAYLOAD),
-        so it is hashed once, not twice (botocore signs a plain-HTTP payload with SHA-256)."""
+        """See `put_request`."""
         if not self.enabled:
             raise FastPathError("disabled")
-        headers = [*headers, ("content-length", str(len(body)))]
-        if md5 is not None:
-            headers.append(("content-md5", base64.b64encode(md5).decode()))
-        head = self.request_bytes(
-            key, method="PUT", query=query, headers=headers, payload_hash=UNSIGNED_PAYLOAD
-        )
+        head = self.put_request(key, body, headers, md5, query)
         status, answer, reply = self._call(what, head, payload=body)
-        if status != 200:
-            code = xmldoc.error_code(reply)
-            self._refused(status, code)
-            raise FastPathError(f"{what}: HTTP {status} {code}", code, status=status)
+        self.put_answer(what, status, reply)
         return status, answer
 
     # -- multipart control plane -------------------------------------------------------------
@@ -517,13 +505,42 @@ class FastClient(Transport):
                 log.info("fast HEAD path off after %d failures; using boto3", self._failures)
             raise
         self._failures = 0
+        self.head_answer(status)
+        return status, headers
+
+    def head_answer(self, status: int) -> None:
+        """Check a HEAD's status: 200 and 404 pass; 400/403 (the server does not like our
+        signing) switch the fast path off; every other status raises `FastPathError`."""
         if status in (400, 403):
             self.enabled = False
             log.info("fast HEAD path refused by the server (HTTP %d); using boto3", status)
             raise FastPathError(f"HTTP {status}", status=status)
         if status not in (200, 404):
             raise FastPathError(f"HTTP {status}", status=status)
-        return status, headers
+
+    def put_request(
+        self,
+        key: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        md5: bytes | None,
+        query: dict[str, str] | None = None,
+    ) -> bytes:
+        """The signed head of a PUT of *body* (the payload is not signed: UNSIGNED-PAYLOAD;
+        the server checks Content-MD5 instead, so the body is hashed once, not twice)."""
+        headers = [*headers, ("content-length", str(len(body)))]
+        if md5 is not None:
+            headers.append(("content-md5", base64.b64encode(md5).decode()))
+        return self.request_bytes(
+            key, method="PUT", query=query, headers=headers, payload_hash=UNSIGNED_PAYLOAD
+        )
+
+    def put_answer(self, what: str, status: int, reply: bytes) -> None:
+        """Check a PUT's answer: anything but 200 raises `FastPathError`."""
+        if status != 200:
+            code = xmldoc.error_code(reply)
+            self._refused(status, code)
+            raise FastPathError(f"{what}: HTTP {status} {code}", code, status=status)
 
 
 def from_boto3_client(client: Any, bucket: str, **timeouts: float) -> FastClient | None:

@@ -121,6 +121,12 @@ class Transport:
     def __post_init__(self, ca_bundle: str | None) -> None:
         self._ssl = ssl.create_default_context(cafile=ca_bundle) if self.https else None
 
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of this endpoint (None for plain HTTP), for other transports to
+        the same endpoint (the FUSE loop's, plugin.fusefs.loopio)."""
+        return self._ssl
+
     def _call(
         self,
         what: str,
@@ -186,7 +192,7 @@ class Transport:
                 size_line = conn.rfile.readline(1024)
                 if not size_line:
                     raise ConnectionResetError("connection closed in a chunked body")
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                size = chunk_size(size_line)
                 if size == 0:
                     while conn.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
@@ -241,25 +247,46 @@ class Transport:
         status_line = conn.rfile.readline(8192)
         if not status_line:
             raise ConnectionResetError("connection closed by the server")
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise FastPathError(f"bad status line {status_line[:80]!r}")
-        status = int(parts[1])
+        version, status = parse_status_line(status_line)
         headers: dict[str, str] = {}
         while True:
             line = conn.rfile.readline(65536)
             if line in (b"\r\n", b"\n"):
-                connection = headers.get("connection", "").lower()
-                if connection == "close" or (
-                    parts[0] == b"HTTP/1.0" and connection != "keep-alive"
-                ):
+                if closes_after(version, headers):
                     # One request per connection (e.g. an HTTP/1.0 server): no pipelining.
                     conn.reusable = False
                     self.keepalive = False
                 return status, headers
             if not line:
                 raise ConnectionResetError("connection closed in the headers")
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise FastPathError(f"bad header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
+            add_header(line, headers)
+
+
+# -- the answer's head, parsed the same way by this transport and the FUSE loop's -----------
+
+
+def parse_status_line(line: bytes) -> tuple[bytes, int]:
+    """(HTTP version, status) of a status line; FastPathError if it is not one."""
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise FastPathError(f"bad status line {line[:80]!r}")
+    return parts[0], int(parts[1])
+
+
+def add_header(line: bytes, headers: dict[str, str]) -> None:
+    """Add one header line to *headers* (names lower-cased)."""
+    name, sep, value = line.decode("latin-1").partition(":")
+    if not sep:
+        raise FastPathError(f"bad header line {line[:80]!r}")
+    headers[name.strip().lower()] = value.strip()
+
+
+def closes_after(version: bytes, headers: dict[str, str]) -> bool:
+    """Whether the server closes the connection after this answer."""
+    connection = headers.get("connection", "").lower()
+    return connection == "close" or (version == b"HTTP/1.0" and connection != "keep-alive")
+
+
+def chunk_size(line: bytes) -> int:
+    """The size on a chunked body's size line."""
+    return int(line.split(b";", 1)[0].strip(), 16)

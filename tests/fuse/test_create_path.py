@@ -4,11 +4,12 @@ A small-file create is a LOOKUP of the new name (HEAD 404, then a LIST in case i
 directory), then a PUT in close(). On this 2-core machine each hand-off to a worker thread
 costs about 0.15 ms, as much as a request to a loopback server, so:
 
-* a lookup of a new name is one worker job (HEAD, and LIST only after a 404);
+* a lookup of a new name is one worker job (HEAD, and LIST only after a 404), or none at
+  all from the loop itself (plugin.fusefs.loopio);
 * in a create burst (lookups below one directory keep finding nothing) the HEAD and the
   LIST go out pipelined, in one round trip, and a lookup that finds a file ends the burst,
   so reading existing files never pays a LIST (a LIST costs more than a HEAD on AWS);
-* an upload reads the cache file and sends it in one worker job;
+* an upload reads the cache file and sends it in one worker job (none from the loop);
 * closing a file no longer walks every cached entry to see whether the cache is too big.
 
 These tests run the filesystem in-process against a real server (no kernel mount) and count
@@ -94,10 +95,17 @@ def _count_worker_jobs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return jobs
 
 
-def test_lookup_of_a_new_name_is_one_worker_job(
-    proxied_fs: tuple[S3Filesystem, CountingProxy], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("loop_io", "jobs_wanted"), [(True, 0), (False, 1)])
+def test_lookup_of_a_new_name_takes_no_worker_job_or_one(
+    proxied_fs: tuple[S3Filesystem, CountingProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    loop_io: bool,
+    jobs_wanted: int,
 ) -> None:
+    """From the loop (plugin.fusefs.loopio) no worker thread at all; from worker threads
+    HEAD and LIST in one job."""
     fs, proxy = proxied_fs
+    fs.store.loop_io = loop_io
 
     async def run() -> None:
         with trio.fail_after(20):
@@ -105,18 +113,26 @@ def test_lookup_of_a_new_name_is_one_worker_job(
             jobs = _count_worker_jobs(monkeypatch)
             with pytest.raises(NotFoundError):
                 await fs.lookup(d.inode, b"new-file")
-            assert len(jobs) == 1, jobs
+            assert len(jobs) == jobs_wanted, jobs
             # ... and it still asked both questions: no file, no directory.
             assert proxy.count("HEAD", f"/{fs.store.bucket}/d/new-file") == 1
             assert proxy.count("GET", f"/{fs.store.bucket}", listing=True) >= 1
+            await fs.store.aclose()
 
     trio.run(run)
 
 
-def test_upload_reads_the_cache_file_and_sends_it_in_one_worker_job(
-    proxied_fs: tuple[S3Filesystem, CountingProxy], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("loop_io", "jobs_wanted"), [(True, 0), (False, 1)])
+def test_upload_of_a_small_file_takes_no_worker_job_or_one(
+    proxied_fs: tuple[S3Filesystem, CountingProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    loop_io: bool,
+    jobs_wanted: int,
 ) -> None:
+    """From the loop no worker thread; from worker threads the cache file's read and the PUT
+    in one job."""
     fs, proxy = proxied_fs
+    fs.store.loop_io = loop_io
     body = os.urandom(64 * 1024)
 
     async def run() -> None:
@@ -127,7 +143,8 @@ def test_upload_reads_the_cache_file_and_sends_it_in_one_worker_job(
             jobs = _count_worker_jobs(monkeypatch)
             await fs.flush(fh)
             await fs.release(fh)
-            assert len(jobs) == 1, jobs
+            assert len(jobs) == jobs_wanted, jobs
+            await fs.store.aclose()
 
     trio.run(run)
     assert proxy.count("PUT", f"/{fs.store.bucket}/d/made") == 1
@@ -174,6 +191,7 @@ def test_a_create_burst_pipelines_head_and_list_and_a_hit_ends_it(
                     await fs.lookup(d.inode, f"more{i}".encode())
             sub = await fs.lookup(d.inode, b"sub")
             assert sub.is_dir
+            await fs.store.aclose()
 
     trio.run(run)
 
@@ -232,6 +250,7 @@ def test_store_stat_answers_with_the_object_or_the_directory_probe(
             assert isinstance(await store.stat("f", "f/"), ObjectInfo)
             found = await store.stat("none", "none/")
             assert isinstance(found, ListPage) and not found.files and not found.dirs
+            await store.aclose()
 
     try:
         trio.run(run)

@@ -52,7 +52,10 @@ def test_small_put_goes_the_fast_way_with_metadata_and_type(
 
     async def run() -> str | None:
         with trio.fail_after(20):
-            return await store.put_bytes("d/file.txt", b"x" * 65536, meta, "text/plain")
+            try:
+                return await store.put_bytes("d/file.txt", b"x" * 65536, meta, "text/plain")
+            finally:
+                await store.aclose()
 
     etag = trio.run(run)
     assert used == []
