@@ -326,11 +326,12 @@ class ObjectStore:
         """What a name is: the object at *key* if there is one, else the first entry below
         *dir_prefix* (empty: no directory either).
 
-        HEAD and, after a 404, LIST run in one worker-thread job: the LOOKUP of a new name
-        pays one hand-off to a thread, not two (about 0.15 ms each on this machine's 2
-        cores). With *expect_missing* (a program is creating files in that directory) both
-        go out pipelined, in one round trip; otherwise a name that is a file never pays a
-        LIST, which costs more than a HEAD on AWS."""
+        HEAD and, after a 404, LIST go from the loop itself (plugin.fusefs.loopio), or if
+        that fails in one worker-thread job: the LOOKUP of a new name (every create) pays no
+        hand-off to a thread, or one, not two (about 0.15 ms each on this machine's 2 cores).
+        With *expect_missing* (a program is creating files in that directory) both go out
+        pipelined, in one round trip; otherwise a name that is a file never pays a LIST,
+        which costs more than a HEAD on AWS."""
         fast = self.fast_client
 
         async def _general() -> ObjectInfo | ListPage:
