@@ -492,8 +492,9 @@ class Bench:
         """Before each download run: remove the destination, warm rclone's MD5 cache. With
         *clean_cache* (the 1 GiB object) also write back and drop the page cache, then read
         the server's copy back in: every tool starts with the source in memory and nothing
-        dirty, so no run pays for the previous run's gigabyte (without this the same client
-        took 1 to 11 s here, depending on what the kernel was still writing back)."""
+        dirty, so no run pays for the previous run's gigabyte. (The 1-11 s spread of stowage's
+        1 GiB downloads that first prompted this was stowage's own 8 MiB writes, fixed in the
+        engine; see the floors section.)"""
 
         def reset() -> None:
             rm(out)

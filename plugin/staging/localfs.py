@@ -31,7 +31,8 @@ KERNEL_COPY_STEP = 8 * 1024 * 1024
 #: and a buffered write holds the file's inode lock while it copies: with 8 MiB writes, 8
 #: workers and 2 vCPUs, the waiters' optimistic spinning on that lock starved the holder, and
 #: 1 GiB took 2.5-9 s of system time in one run out of four (perf: copy_folio_from_iter_atomic,
-#: rwsem_spin_on_owner); in 1 MiB writes it took 0.26-0.28 s every time (bench notes).
+#: rwsem_spin_on_owner); in 1 MiB writes it took 0.26-0.28 s every time (docs/benchmarks.md,
+#: floors section).
 WRITE_PIECE = 1024 * 1024
 
 #: Files smaller than this skip the SEEK_DATA probe: sparse small files are rare, syscalls not.
