@@ -18,7 +18,6 @@ worker-thread path, which has its own retries.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from typing import Any
 
@@ -35,8 +34,6 @@ from plugin.s3.transport import (
     operation_name,
     parse_status_line,
 )
-
-log = logging.getLogger(__name__)
 
 #: Largest PUT body sent from the loop (its MD5 runs on the loop: ~0.3 ms at 256 KiB).
 LOOP_PUT_MAX = 256 * 1024
@@ -186,8 +183,8 @@ class LoopRequests:
         """`FastClient.head_then_list` from the loop (same answers, same checks)."""
         fast = self.fast
         head = fast.request_bytes(key)
-        listing = fast.list_request(prefix, None, "/", 1)
         if together and fast.keepalive and fast.pipelining:
+            listing = fast.list_request(prefix, None, "/", 1)
             (status, headers, _), (list_status, _, body) = await self._exchange(
                 head + listing, [("HEAD", False), ("LIST", True)]
             )
@@ -199,6 +196,8 @@ class LoopRequests:
         fast.head_answer(status)
         if status != 404:
             return (status, headers), None
+        # Signed only now: a lookup that finds a file pays no second signature.
+        listing = fast.list_request(prefix, None, "/", 1)
         ((list_status, _, body),) = await self._exchange(listing, [("LIST", True)])
         return (status, headers), fast.listed(list_status, body)
 
