@@ -8,7 +8,9 @@ Which client serves which request, and why (docs/benchmarks.md, copy section, lo
   uploads: the hand-signed path. 10,000 x 16 KiB down took 3.4 s (s5cmd 4.9 s); through
   the CRT the same copy took 8 s (its per-request buffer pool and callbacks into Python);
   a 1 GiB object in 8 MiB ranges received with one recv per range beat the CRT, which hands
-  Python each part as a new bytes object (2.3-2.6 s unverified).
+  Python each part as a new bytes object (2.3-2.6 s unverified). Over plain HTTP, a range
+  bound for a file (`FileSink`: no CRC on the way) is spliced from the socket into the file
+  instead, never through user space (1.09-1.14 s -> 1.01-1.02 s for 1 GiB).
 - HEAD, LIST, and GETs the fast path cannot take (over the limits above, AWS's own
   virtual-host endpoints, an endpoint with a path): the CRT when installed, else boto3.
 - Bodies over FAST_PUT_MAX, list_parts, abort, delete_many: boto3. The CRT copies a request
@@ -37,6 +39,7 @@ from plugin.s3.metadata import canonical
 from plugin.s3.settings import S3Settings
 from plugin.s3.store import (
     CHECKSUM_MODE,
+    FileSink,
     NoCredentialsError,
     ObjectInfo,
     PartInfo,
@@ -131,15 +134,18 @@ class CrtStore:
         fast = self._fast.client(bucket)
         ranged = bool(start or length is not None)
         fast_get: Callable[[], ObjectInfo] | None = None
-        if fast is not None and length and length <= FAST_RANGE_MAX:
+        if fast is not None and length and isinstance(sink, FileSink) and fast.splices:
+
+            def fast_get() -> ObjectInfo:
+                return self._splice_range(fast, bucket, key, sink, start, length)
+
+        elif fast is not None and length and length <= FAST_RANGE_MAX:
 
             def fast_get() -> ObjectInfo:
                 buf = self._fast.buffer(length)
                 h = fast.get_range_into(key, start, buf)
                 sink(start, buf)
-                total = h.get("content-range", "").rsplit("/", 1)[-1]
-                info = dataclasses.replace(_info(key, h), checksum=None)  # a range's: none
-                return dataclasses.replace(info, size=int(total)) if total.isdigit() else info
+                return _range_info(key, h)
 
         elif fast is not None and not ranged:
 
@@ -153,6 +159,32 @@ class CrtStore:
         return fast_or_fallback(
             f"GET {key}", fast_get, lambda: self._general_get(bucket, key, sink, start, length)
         )
+
+    def _splice_range(
+        self, fast: FastClient, bucket: str, key: str, sink: FileSink, start: int, length: int
+    ) -> ObjectInfo:
+        """A range moved from the socket into the sink's file (no copy through user space,
+        no buffer). A stream that breaks after some bytes landed is finished by the general
+        client from there: the sink must not be handed those bytes twice."""
+        landed = [0]
+
+        def counted(n: int) -> None:
+            landed[0] += n
+            sink.landed(n)
+
+        try:
+            return _range_info(key, fast.get_range_to_file(key, start, length, sink.fd, counted))
+        except FastPathError as exc:
+            if not landed[0]:
+                raise
+            log.debug(
+                "fast GET %s broke after %d bytes: %s; the rest by the general client",
+                key,
+                landed[0],
+                exc,
+            )
+            rest = length - landed[0]
+            return self._general_get(bucket, key, sink, start + landed[0], rest)
 
     def _general_get(
         self, bucket: str, key: str, sink: Sink, start: int, length: int | None
@@ -461,6 +493,14 @@ class _FastPath:
 
 def _meta_headers(metadata: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(f"x-amz-meta-{k}".lower(), v) for k, v in metadata.items()]
+
+
+def _range_info(key: str, h: Mapping[str, str]) -> ObjectInfo:
+    """ObjectInfo from the lower-cased headers of a ranged GET's answer: the object's size
+    from Content-Range, and no checksum (a range's is not the object's)."""
+    total = h.get("content-range", "").rsplit("/", 1)[-1]
+    info = dataclasses.replace(_info(key, h), checksum=None)
+    return dataclasses.replace(info, size=int(total)) if total.isdigit() else info
 
 
 def _info(key: str, h: Mapping[str, str]) -> ObjectInfo:

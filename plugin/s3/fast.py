@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import time
-import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
@@ -33,7 +34,14 @@ from plugin.s3.sigv4 import (
     Signer,
     object_path,
 )
-from plugin.s3.transport import Conn, Transport, answer_outcome, read_exact
+from plugin.s3.transport import (
+    Conn,
+    SplicePipe,
+    Transport,
+    answer_outcome,
+    read_exact,
+    splice_exact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,17 +297,7 @@ class FastClient(Transport):
             extra.append(("if-match", f'"{etag}"'))
         request = self.request_bytes(key, method="GET", headers=extra)
         conn, status, headers = self._send("GET", request)
-        answered = headers.get("content-range", "")
-        if (
-            status not in (200, 206)  # rclone answers 200 with the Content-Range asked for
-            or not answered.startswith(f"bytes {start}-{end}/")
-            or headers.get("content-length") != str(len(view))
-        ):
-            self._drop()  # the body (if any) stays unread
-            self._refused(status)
-            raise FastPathError(
-                f"GET {key} [{start}, {end}]: HTTP {status} {answered!r}", status=status
-            )
+        self._check_range(key, start, len(view), status, headers)
         if etag and headers.get("etag", "").strip('"') not in ("", etag):
             self._drop()  # a server that ignores If-Match (rclone) sent another version
             raise FastPathError(f"GET {key}: the object changed on the server")
@@ -314,6 +312,61 @@ class FastClient(Transport):
         if not conn.reusable:
             self._drop()
         return headers
+
+    @property
+    def splices(self) -> bool:
+        """Whether `get_range_to_file` can splice: plain HTTP on a system with splice(2)."""
+        return self.tls_context is None and hasattr(os, "splice")
+
+    def get_range_to_file(
+        self, key: str, start: int, length: int, fd: int, landed: Callable[[int], None]
+    ) -> dict[str, str]:
+        """GET bytes `[start, start + length)` of *key* into file *fd* at offset *start* with
+        splice(2) (`splices` must be true); *landed*(n) after each piece is in the file.
+        Returns the answer's lower-cased headers. Anything but an answer for exactly that
+        range raises FastPathError, after *landed* reported what is already in the file."""
+        if not self.enabled:
+            raise FastPathError("disabled")
+        with observed("GetObject"):
+            end = start + length - 1
+            request = self.request_bytes(
+                key, method="GET", headers=[("range", f"bytes={start}-{end}")]
+            )
+            conn, status, headers = self._send("GET", request)
+            self._check_range(key, start, length, status, headers)
+            pipe: SplicePipe | None = getattr(self._local, "pipe", None)
+            if pipe is None:
+                pipe = self._local.pipe = SplicePipe()
+            try:
+                n = splice_exact(conn.rfile, conn.sock, pipe.fds, fd, start, length, landed)
+            except BaseException:  # the connection's (FastPathError) or the file's (OSError)
+                self._local.pipe = None  # it may hold bytes of the broken stream
+                self._drop()
+                raise
+            if n != length:
+                self._drop()
+                raise FastPathError(f"GET {key}: body ended after {n} of {length} bytes")
+            if not conn.reusable:
+                self._drop()
+            return headers
+
+    def _check_range(
+        self, key: str, start: int, length: int, status: int, headers: dict[str, str]
+    ) -> None:
+        """FastPathError (the connection dropped, the body unread) unless the answer is for
+        exactly bytes `[start, start + length)`."""
+        end = start + length - 1
+        answered = headers.get("content-range", "")
+        if (
+            status not in (200, 206)  # rclone answers 200 with the Content-Range asked for
+            or not answered.startswith(f"bytes {start}-{end}/")
+            or headers.get("content-length") != str(length)
+        ):
+            self._drop()  # the body (if any) stays unread
+            self._refused(status)
+            raise FastPathError(
+                f"GET {key} [{start}, {end}]: HTTP {status} {answered!r}", status=status
+            )
 
     def put_object(
         self, key: str, body: bytes, headers: list[tuple[str, str]], md5: bytes | None = None
@@ -556,6 +609,8 @@ def from_boto3_client(client: Any, bucket: str, **timeouts: float) -> FastClient
         return None
     if style != "path" or creds is None or not endpoint or not region:
         return None
+    import urllib.request  # here: 13 ms of imports (http.client, email) a copy rarely needs
+
     url = urlsplit(endpoint)
     proxies = dict(getattr(meta.config, "proxies", None) or {}) or urllib.request.getproxies()
     if url.scheme in proxies and not urllib.request.proxy_bypass(url.hostname or ""):

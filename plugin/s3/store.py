@@ -27,6 +27,23 @@ MAX_COPY_SIZE = 5 * (1 << 30)
 #: Receives body bytes with their absolute offset in the object.
 Sink = Callable[[int, memoryview], None]
 
+
+@dataclass(frozen=True)
+class FileSink:
+    """A `Sink` whose bytes go into file *fd* at their offsets in the object. Called like a
+    sink, it hands each piece to *write* (which puts it there). A store that can move a body
+    from the socket into the file without user space (splice(2)) does that instead and then
+    calls *landed*(n) for each piece in place. Only for bytes nobody needs in memory (a
+    CRC computed on the way needs a plain sink)."""
+
+    fd: int
+    write: Sink
+    landed: Callable[[int], None]
+
+    def __call__(self, offset: int, data: memoryview) -> None:
+        self.write(offset, data)
+
+
 #: Read size for streamed bodies: large enough to keep syscalls rare, small enough to stay in
 #: L2 (1 MiB Python buffers measured 3-4x slower than 64-256 KiB on this kind of machine).
 STREAM_BUFSIZE = 256 * 1024

@@ -9,12 +9,17 @@ requests sent before the first answer) need the socket itself. Transport failure
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
+import os
 import socket
 import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 from plugin.s3 import observe, xmldoc
@@ -80,6 +85,93 @@ def read_exact(fp: io.BufferedReader, sock: socket.socket, view: memoryview) -> 
     finally:
         sock.settimeout(timeout)
     return done
+
+
+#: Bytes one splice(2) moves through the pipe: the pipe is grown to this where the system
+#: allows (`fs.pipe-max-size`, 1 MiB by default); each write into the file then holds its
+#: inode lock for at most this much, like `localfs.pwrite_all`'s pieces.
+SPLICE_PIECE = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+def splice_exact(
+    fp: io.BufferedReader,
+    sock: socket.socket,
+    pipe: tuple[int, int],
+    fd: int,
+    offset: int,
+    length: int,
+    landed: Callable[[int], None],
+) -> int:
+    """Move the next *length* bytes of a response body into file *fd* at *offset*: those
+    already in *fp*'s buffer by pwrite, the rest by splice(2) from *sock* through *pipe*
+    (empty, the caller's) into the file, never through user space: that saves copying each
+    byte out of the socket, ~0.1 s of a core per GiB on this kind of machine. *landed*(n)
+    after each piece is in the file. Returns the count: short only at end of stream.
+
+    The connection's trouble (reset, the read timeout, which still applies as SO_RCVTIMEO)
+    raises FastPathError; the file's (ENOSPC, EIO) raises its OSError. After either, the
+    connection is mid-body and the pipe may hold bytes: neither may be reused."""
+    done = 0
+    try:
+        buffered = fp.peek(1)[:length] if length else b""
+        data = fp.read(len(buffered)) if buffered else b""
+    except (OSError, ValueError) as exc:
+        raise FastPathError(f"GET transport: {exc}") from exc
+    view = memoryview(data)
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, f"wrote nothing at byte {offset + done} (disk full?)")
+        done += n
+        landed(n)
+    timeout = sock.gettimeout()
+    read_end, write_end = pipe
+    try:
+        sock.settimeout(None)  # splice from a non-blocking socket would return EAGAIN
+        seconds = timeout or 0.0
+        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        while done < length:
+            try:
+                n = os.splice(
+                    sock.fileno(),
+                    write_end,
+                    min(SPLICE_PIECE, length - done),
+                    flags=os.SPLICE_F_MOVE | os.SPLICE_F_MORE,
+                )
+            except BlockingIOError as exc:
+                raise FastPathError(f"GET: no data from the server for {timeout} s") from exc
+            except OSError as exc:
+                raise FastPathError(f"GET transport: {exc}") from exc
+            if not n:
+                break
+            while n:
+                m = os.splice(read_end, fd, n, offset_dst=offset + done, flags=os.SPLICE_F_MOVE)
+                if m <= 0:
+                    raise OSError(errno.ENOSPC, f"wrote nothing at byte {offset + done}")
+                n -= m
+                done += m
+                landed(m)
+    finally:
+        sock.settimeout(timeout)
+    return done
+
+
+class SplicePipe:
+    """One thread's pipe for `splice_exact`, grown to SPLICE_PIECE where the system allows.
+    Closed when dropped (its thread ends, or an error left bytes in it), never by another
+    thread: an fd closed under a splice in flight could be reused by an unrelated open."""
+
+    def __init__(self) -> None:
+        self.fds = os.pipe2(os.O_CLOEXEC)
+        # Over fs.pipe-max-size the default 64 KiB pipe works, in more calls.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fds[1], _F_SETPIPE_SZ, SPLICE_PIECE)
+
+    def __del__(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
 
 class Conn:

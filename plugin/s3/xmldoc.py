@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote_plus
 from xml.etree import ElementTree
-from xml.sax.saxutils import escape
 
 from plugin.s3.dates import parse_iso_date
 from plugin.s3.errors import FastPathError
@@ -101,6 +100,13 @@ def parse_uploads(root: ElementTree.Element) -> list[tuple[str, str, int]]:
 def complete_body(parts: list[tuple[int, str]]) -> bytes:
     """The CompleteMultipartUpload request document."""
     body = "".join(
-        f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag)}</ETag></Part>" for n, etag in parts
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{_escape(etag)}</ETag></Part>"
+        for n, etag in parts
     )
     return f'<CompleteMultipartUpload xmlns="{NAMESPACE}">{body}</CompleteMultipartUpload>'.encode()
+
+
+def _escape(text: str) -> str:
+    """*text* as XML character data. (xml.sax.saxutils.escape does the same, but importing
+    it pulls urllib.request, http.client and email in: 13-20 ms of every copy's start.)"""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plugin.confined import Tree
-from plugin.s3.store import ObjectInfo
+from plugin.s3.store import FileSink, ObjectInfo, Sink
 from plugin.staging import localfs
 from plugin.staging.context import SplitFile, Target
 from plugin.staging.errors import SourceNotFoundError, VerificationError
@@ -242,12 +242,18 @@ class ChunkedFile(SplitFile):
         # the workers' CRCs run in parallel, no pass over the file at the end).
         feed = self.crc.feeder(index) if self.crc is not None else None
 
-        def sink(offset: int, data: memoryview) -> None:
+        def landed(n: int) -> None:
+            got[0] += n
+            ctx.moved(n)
+
+        def write(offset: int, data: memoryview) -> None:
             localfs.pwrite_all(fd, data, offset)
             if feed is not None:
                 feed.update(offset, data)
-            got[0] += len(data)
-            ctx.moved(len(data))
+            landed(len(data))
+
+        # Bytes no CRC needs may go from the socket to the file without user space.
+        sink: Sink = write if feed is not None else FileSink(fd, write, landed)
 
         def attempt() -> ObjectInfo:
             # A retry asks only for what the broken stream did not deliver.

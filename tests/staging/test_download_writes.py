@@ -58,13 +58,19 @@ def test_chunked_download_writes_at_most_a_piece_at_a_time(
     dst = tmp_path / "out" / "big.bin"
     dst.parent.mkdir()
     sizes: list[int] = []
-    real = os.pwrite
+    real, real_splice = os.pwrite, os.splice
 
     def recording_pwrite(fd: int, buf: Any, offset: int) -> int:
         sizes.append(len(buf))
         return real(fd, buf, offset)
 
+    def recording_splice(src: int, dst: int, count: int, **kw: Any) -> int:
+        if kw.get("offset_dst") is not None:  # pipe -> part file (plain HTTP, no CRC)
+            sizes.append(count)
+        return real_splice(src, dst, count, **kw)
+
     monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    monkeypatch.setattr(os, "splice", recording_splice)
     store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     try:
         opts = CopyOptions(chunk_size=4 * MiB, jobs=3, retries=1, retry_delay=0.05)
