@@ -11,6 +11,11 @@ benchmarks use:
   write          1 GiB written by 8 threads into one preallocated file, page cache dropped
                  first, in 1 MiB writes (what the copy engine does) and in 8 MiB writes (what
                  it did before: the waiters spin on the inode lock; every run is listed)
+  splice         1 GiB in 8 MiB ranged GETs by 8 threads spliced into one preallocated file
+                 (what the engine does for chunks no CRC needs), page cache dropped first
+  hash pass      MD5 of a cached 1 GiB file in 1 MiB preads (what the in-order hasher does),
+                 alone, and while the splice download above runs: the hash thread's wall
+                 time, its own CPU time, and its wait for a core (/proc/.../schedstat)
   start          `stowage cp` and `s5cmd cp` of a 1-byte object: interpreter, imports, client
   requests       HEAD 404, LIST, pipelined HEAD+LIST and PUT 64 KiB on one kept-alive
                  connection; the same from trio through a worker thread (the FUSE process's
@@ -111,6 +116,85 @@ def transfer(fast: FastClient, key: str) -> tuple[float, float]:
         fast.get_range_into(key, i * CHUNK, buffers.buf)
 
     return in_threads(get, GiB // CHUNK)
+
+
+def spliced(fast: FastClient, key: str, path: Path) -> tuple[float, float]:
+    """1 GiB downloaded into *path* by splice (the engine's way for chunks no CRC needs)."""
+    path.unlink(missing_ok=True)
+    drop_caches()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, GiB)
+        os.posix_fallocate(fd, 0, GiB)
+        return in_threads(
+            lambda i: fast.get_range_to_file(key, i * CHUNK, CHUNK, fd, lambda n: None),
+            GiB // CHUNK,
+        )
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
+def hash_pass(path: Path, out: dict[str, float]) -> None:
+    """MD5 of *path* in 1 MiB preads, as `Hasher` does; fills *out* with the thread's wall
+    seconds, CPU seconds and seconds spent runnable but waiting for a core."""
+    tid = threading.get_native_id()
+
+    def sched() -> tuple[float, float]:
+        ran, waited = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(MiB)
+        view = memoryview(buf)
+        md5 = hashlib.md5()
+        ran0, waited0 = sched()
+        t0 = time.perf_counter()
+        pos = 0
+        while n := os.preadv(fd, [view], pos):
+            md5.update(view[:n])
+            pos += n
+        out["wall"] = time.perf_counter() - t0
+        ran1, waited1 = sched()
+        out["cpu"], out["runqueue"] = ran1 - ran0, waited1 - waited0
+    finally:
+        os.close(fd)
+
+
+def hash_under_load(fast: FastClient, key: str, work: Path) -> dict[str, float]:
+    """The hash pass over a cached 1 GiB file while a 1 GiB splice download runs (the two
+    halves of a verified download, with the hash's input already there)."""
+    source = work / "hash.bin"
+    with open(source, "wb") as f:
+        for _ in range(GiB // (64 * MiB)):
+            f.write(os.urandom(64 * MiB))
+    try:
+        alone: dict[str, float] = {}
+        hash_pass(source, alone)  # also leaves the file in the page cache
+        loaded: dict[str, float] = {}
+        hasher = threading.Thread(target=hash_pass, args=(source, loaded))
+        target = work / "spliced.bin"
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, GiB)
+            hasher.start()
+            download, _ = in_threads(
+                lambda i: fast.get_range_to_file(key, i * CHUNK, CHUNK, fd, lambda n: None),
+                GiB // CHUNK,
+            )
+            hasher.join()
+        finally:
+            os.close(fd)
+            target.unlink(missing_ok=True)
+        return {
+            "alone_wall": alone["wall"],
+            "alone_cpu": alone["cpu"],
+            **{f"loaded_{k}": v for k, v in loaded.items()},
+            "download": download,
+        }
+    finally:
+        source.unlink(missing_ok=True)
 
 
 def page_cache_write(path: Path, piece: int) -> tuple[float, float]:
@@ -236,6 +320,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             res["transfer"] = [transfer(fast, "big.bin") for _ in range(args.reps)]
             res["write_1m"] = [page_cache_write(work / "w.bin", MiB) for _ in range(args.reps)]
             res["write_8m"] = [page_cache_write(work / "w.bin", CHUNK) for _ in range(4)]
+            res["splice"] = [spliced(fast, "big.bin", work / "s.bin") for _ in range(args.reps)]
+            res["hash"] = [hash_under_load(fast, "big.bin", work) for _ in range(args.reps)]
             env = aws_env()
             env["PYTHONPATH"] = str(REPO)
             out = work / "tiny.out"
@@ -265,6 +351,14 @@ def render(res: dict[str, Any], seconds: float) -> str:
     w1 = median([w for w, _ in res["write_1m"]])
     w1_cpu = median([c for _, c in res["write_1m"]])
     st, s5 = median(res["start_stowage"]), median(res["start_s5cmd"])
+    sp = median([w for w, _ in res["splice"]])
+    sp_cpu = median([c for _, c in res["splice"]])
+    h_alone = median([h["alone_wall"] for h in res["hash"]])
+    alone_runs = ", ".join(f"{h['alone_wall']:.2f}" for h in res["hash"])
+    h_wall = median([h["loaded_wall"] for h in res["hash"]])
+    h_cpu = median([h["loaded_cpu"] for h in res["hash"]])
+    h_rq = median([h["loaded_runqueue"] for h in res["hash"]])
+    h_dl = median([h["download"] for h in res["hash"]])
     machine = ", ".join(f"{k} {v}" for k, v in machine_basics().items())
     lines = [
         "## Floors: what this machine cannot do faster (issue 14)\n",
@@ -282,6 +376,18 @@ def render(res: dict[str, Any], seconds: float) -> str:
         f"| the same in 8 MiB writes (the engine before this change) | "
         f"{median([w for w, _ in res['write_8m']]):.2f} s | "
         f"{', '.join(f'{w:.2f} (CPU {c:.2f})' for w, c in res['write_8m'])} |",
+        f"| 1 GiB from the server spliced into one file, 8 threads x 8 MiB (the engine's way "
+        f"without a CRC) | {sp:.2f} s (client CPU {sp_cpu:.2f} s) | "
+        f"{', '.join(f'{w:.2f}' for w, _ in res['splice'])} |",
+        f"| MD5 of a cached 1 GiB file in 1 MiB preads (the hasher's pass), alone | "
+        f"{h_alone:.2f} s | {alone_runs} |",
+        f"| the same pass while a 1 GiB splice download runs | {h_wall:.2f} s: CPU "
+        f"{h_cpu:.2f} s, waiting for a core {h_rq:.2f} s (download {h_dl:.2f} s) | "
+        + ", ".join(
+            f"{h['loaded_wall']:.2f} (CPU {h['loaded_cpu']:.2f}, wait {h['loaded_runqueue']:.2f})"
+            for h in res["hash"]
+        )
+        + " |",
         f"| `stowage cp` of a 1-byte object (interpreter, imports, client, HEAD, GET) | "
         f"{st:.3f} s | {', '.join(f'{v:.3f}' for v in res['start_stowage'])} |",
         f"| `s5cmd cp` of a 1-byte object | {s5:.3f} s | "
@@ -294,13 +400,14 @@ def render(res: dict[str, Any], seconds: float) -> str:
         "What they mean for the goals this run of the copy and FUSE sections did not meet:",
         "",
         f"- **Verified download from an MD5-only store** (`rclone serve s3`): MD5 is one "
-        f"sequential pass, so no verifying client finishes before its start plus the MD5: "
-        f"{st:.2f} + {md5:.2f} = {st + md5:.2f} s here, with the MD5 thread owning a core "
-        f"throughout. It does not: the transfer ({tr_cpu:.2f} s of client CPU), the writes "
-        f"({w1_cpu:.2f} s) and the server share the 2 cores with it.",
+        f"sequential pass, so a verifying copy cannot finish before its start plus the "
+        f"hasher's pass. With the pass alone on a core that is {st:.2f} + {h_alone:.2f} = "
+        f"{st + h_alone:.2f} s; with the download running beside it, as it must, the pass "
+        f"takes {h_wall:.2f} s ({h_cpu:.2f} s of its own CPU, {h_rq:.2f} s waiting for a core "
+        f"the transfer and the server hold): {st + h_wall:.2f} s.",
         f"- **Unverified download vs s5cmd:** stowage starts in {st:.2f} s, s5cmd (a Go "
-        f"binary) in {s5:.2f} s; the transfer alone takes {tr:.2f} s and the writes "
-        f"{w1:.2f} s more of CPU on the same 2 cores.",
+        f"binary) in {s5:.2f} s; the spliced transfer into the file takes {sp:.2f} s "
+        f"({sp_cpu:.2f} s of client CPU): {st + sp:.2f} s together.",
         "- **Small-file creates** (met in the FUSE section): a create is a LOOKUP (HEAD 404 "
         "and LIST) and a PUT; from a worker thread each pays the hand-off there and back on "
         "top (the trio rows against the bare ones), which is why the FUSE process now sends "
