@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,16 @@ class _OneAnswer:
             if not self._close:
                 self._done.wait(10)
 
-    def read_head(self) -> None:
+    def splice_into(
+        self, fd: int, offset: int, length: int, landed: Callable[[int], None] = lambda n: None
+    ) -> int:
+        """Read the answer's head, then splice its body into *fd* as the fast path does."""
         while self.reader.readline() not in (b"\r\n", b""):
             pass
+        pipe = transport.SplicePipe()  # referenced until the call ends: closed when dropped
+        return transport.splice_exact(
+            self.reader, self.client, pipe.fds, fd, offset, length, landed
+        )
 
     def close(self) -> None:
         self._done.set()
@@ -86,13 +93,9 @@ def test_splice_moves_a_body_into_the_file_at_its_offset(
     body = os.urandom(3 * MiB + 5)
     peer = _OneAnswer(_answer(len(body)), body, close=False)
     fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT, 0o600)
-    pipe = transport.SplicePipe()
     try:
-        peer.read_head()
         landed: list[int] = []
-        n = transport.splice_exact(
-            peer.reader, peer.client, pipe.fds, fd, 1000, len(body), landed.append
-        )
+        n = peer.splice_into(fd, 1000, len(body), landed.append)
         assert n == len(body) == sum(landed)
         assert (tmp_path / "part").read_bytes() == bytes(1000) + body
         assert peer.client.gettimeout() == 5  # the read timeout is back for the next request
@@ -108,13 +111,9 @@ def test_a_body_cut_short_returns_what_landed(tmp_path: Path) -> None:
     body = os.urandom(2 * MiB)
     peer = _OneAnswer(_answer(4 * MiB), body, close=True)
     fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT, 0o600)
-    pipe = transport.SplicePipe()
     try:
-        peer.read_head()
         landed: list[int] = []
-        n = transport.splice_exact(
-            peer.reader, peer.client, pipe.fds, fd, 0, 4 * MiB, landed.append
-        )
+        n = peer.splice_into(fd, 0, 4 * MiB, landed.append)
         assert n == sum(landed) == len(body)
         assert (tmp_path / "part").read_bytes() == body
     finally:
@@ -126,30 +125,35 @@ def test_a_stalled_server_ends_in_the_read_timeout(tmp_path: Path) -> None:
     peer = _OneAnswer(_answer(MiB), b"x" * 1000, close=False)
     peer.client.settimeout(0.3)
     fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT, 0o600)
-    pipe = transport.SplicePipe()
     try:
-        peer.read_head()
         with pytest.raises(FastPathError, match="no data from the server"):
-            transport.splice_exact(peer.reader, peer.client, pipe.fds, fd, 0, MiB, lambda n: None)
+            peer.splice_into(fd, 0, MiB)
     finally:
         os.close(fd)
         peer.close()
 
 
-def test_the_files_trouble_is_not_taken_for_the_connections(tmp_path: Path) -> None:
-    """A write error (here EBADF; ENOSPC on a full disk) is the file's: it must not be
-    reported as a transport failure, which would send the caller to another client."""
+@pytest.mark.parametrize(
+    ("flags", "code"),
+    [
+        (os.O_RDONLY, errno.EBADF),  # fails the pwrite of the bytes buffered with the head
+        (os.O_WRONLY | os.O_APPEND, errno.EINVAL),  # takes those, fails the splice after
+    ],
+)
+def test_the_files_trouble_is_not_taken_for_the_connections(
+    tmp_path: Path, flags: int, code: int
+) -> None:
+    """A write error (here EBADF or EINVAL; ENOSPC on a full disk) is the file's: it must
+    not be reported as a transport failure, which would send the caller to another client."""
     body = os.urandom(MiB)
     peer = _OneAnswer(_answer(len(body)), body, close=False)
-    (tmp_path / "ro").write_bytes(b"")
-    fd = os.open(tmp_path / "ro", os.O_RDONLY)
-    pipe = transport.SplicePipe()
+    (tmp_path / "f").write_bytes(b"")
+    fd = os.open(tmp_path / "f", flags)
     try:
-        peer.read_head()
         with pytest.raises(OSError) as info:
-            transport.splice_exact(peer.reader, peer.client, pipe.fds, fd, 0, len(body), print)
+            peer.splice_into(fd, 0, len(body))
         assert not isinstance(info.value, FastPathError)
-        assert info.value.errno == errno.EBADF
+        assert info.value.errno == code
     finally:
         os.close(fd)
         peer.close()
