@@ -169,9 +169,10 @@ class SplicePipe:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.fds[1], _F_SETPIPE_SZ, SPLICE_PIECE)
 
-    def __del__(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # os.close bound at definition: at interpreter exit the module may be gone first.
+        for fd in getattr(self, "fds", ()):  # none if pipe2 itself failed
+            _close(fd)
 
 
 class Conn:

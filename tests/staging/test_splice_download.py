@@ -159,6 +159,26 @@ def test_the_files_trouble_is_not_taken_for_the_connections(
         peer.close()
 
 
+def test_a_threads_pipe_is_closed_when_its_thread_ends() -> None:
+    """Each copy worker keeps its pipe in a thread-local: it must not outlive the thread
+    (a daemon running copy after copy would run out of file descriptors)."""
+    local = threading.local()
+    fds: list[int] = []
+
+    def worker() -> None:
+        local.pipe = transport.SplicePipe()
+        fds.extend(local.pipe.fds)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(10)
+    assert len(fds) == 2
+    for fd in fds:
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+
+
 def test_tls_endpoints_do_not_splice() -> None:
     keys = ("k", "s", None)
     assert FastClient("http://127.0.0.1:9", "b", "us-east-1", lambda: keys).splices
