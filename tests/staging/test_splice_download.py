@@ -268,3 +268,38 @@ def test_a_stream_broken_mid_splice_is_finished_without_counting_twice(
     assert 3 * MiB // 2 <= start < 3 * MiB // 2 + 65536 and start + rest == 4 * MiB
     assert res.bytes_copied == len(data)
     assert dst.read_bytes() == data
+
+
+@pytest.mark.s3
+def test_a_byte_spoiled_on_the_spliced_path_fails_the_md5_check(
+    rclone_s3: S3Server, bucket_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spliced bytes never pass through the process, so the MD5 must be computed from what
+    is in the part file: one byte flipped there (after the splice, before the hash) fails
+    the copy, and nothing is renamed into place."""
+    bucket = rclone_s3.make_bucket(bucket_name)
+    _put(rclone_s3, bucket, 10 * MiB + 3)
+    real = transport.splice_exact
+    spoil_at = 5 * MiB + 17  # inside the second 4 MiB chunk
+
+    def spoiling(
+        fp: Any, sock: Any, pipe: Any, fd: int, offset: int, length: int, landed: Any
+    ) -> int:
+        n = real(fp, sock, pipe, fd, offset, length, landed)
+        if offset <= spoil_at < offset + n:
+            byte = os.pread(fd, 1, spoil_at)
+            os.pwrite(fd, bytes([byte[0] ^ 0x01]), spoil_at)
+        return n
+
+    monkeypatch.setattr("plugin.s3.fast.splice_exact", spoiling)
+    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
+    dst = tmp_path / "d" / "out.bin"
+    dst.parent.mkdir()
+    try:
+        opts = CopyOptions(chunk_size=4 * MiB, jobs=3, retries=1, retry_delay=0.05)
+        res = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=store)
+    finally:
+        store.close()
+    assert res.state == "failed", res.errors
+    assert "MD5" in res.errors[0].message and "does not match" in res.errors[0].message
+    assert not dst.exists()
