@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stagingkit import S3Server
+from stagingkit import S3Server, crt_download
 
-from plugin.s3.crtstore import CrtStore
-from plugin.s3.settings import S3Settings
-from plugin.staging import CopyOptions, copy, localfs
+from plugin.staging import localfs
 
 MiB = 1 << 20
 
@@ -71,12 +69,7 @@ def test_chunked_download_writes_at_most_a_piece_at_a_time(
 
     monkeypatch.setattr(os, "pwrite", recording_pwrite)
     monkeypatch.setattr(os, "splice", recording_splice)
-    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
-    try:
-        opts = CopyOptions(chunk_size=4 * MiB, jobs=3, retries=1, retry_delay=0.05)
-        res = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=store)
-    finally:
-        store.close()
+    res = crt_download(rclone_s3, bucket, "big.bin", dst)
     assert res.ok, res.errors
     assert res.checks == {"md5": 1}
     assert dst.read_bytes() == data

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stagingkit import S3Server
+from stagingkit import S3Server, crt_download
 
 from plugin.s3 import transport
 from plugin.s3.crtstore import CrtStore
 from plugin.s3.errors import FastPathError
 from plugin.s3.fast import FastClient
-from plugin.s3.settings import S3Settings
-from plugin.staging import CopyOptions, copy
 
 MiB = 1 << 20
 
@@ -208,13 +206,8 @@ def test_md5_and_unverified_downloads_splice_their_chunks(
         raise AssertionError("a chunk went through a user-space buffer")
 
     monkeypatch.setattr(FastClient, "get_range_into", no_buffer)
-    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     dst = tmp_path / "out.bin"
-    try:
-        opts = CopyOptions(chunk_size=4 * MiB, jobs=3, retries=1, retry_delay=0.05, verify=verify)
-        res = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=store)
-    finally:
-        store.close()
+    res = crt_download(rclone_s3, bucket, "big.bin", dst, verify=verify)
     assert res.ok, res.errors
     assert res.checks == ({"md5": 1} if verify else {"size-only": 1})
     assert res.bytes_copied == len(data)
@@ -254,13 +247,8 @@ def test_a_stream_broken_mid_splice_is_finished_without_counting_twice(
         return real_general(self, bucket, key, sink, start, n)
 
     monkeypatch.setattr(CrtStore, "_general_get", general)
-    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     dst = tmp_path / "out.bin"
-    try:
-        opts = CopyOptions(chunk_size=4 * MiB, jobs=1, retries=1, retry_delay=0.05)
-        res = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=store)
-    finally:
-        store.close()
+    res = crt_download(rclone_s3, bucket, "big.bin", dst, jobs=1)
     assert res.ok, res.errors
     assert broken.is_set()
     # Only what had not landed (the 1.5 MiB spliced and what came buffered with the head).
@@ -292,14 +280,9 @@ def test_a_byte_spoiled_on_the_spliced_path_fails_the_md5_check(
         return n
 
     monkeypatch.setattr("plugin.s3.fast.splice_exact", spoiling)
-    store = CrtStore(S3Settings(endpoint_url=rclone_s3.endpoint))
     dst = tmp_path / "d" / "out.bin"
     dst.parent.mkdir()
-    try:
-        opts = CopyOptions(chunk_size=4 * MiB, jobs=3, retries=1, retry_delay=0.05)
-        res = copy(f"s3://{bucket}/big.bin", str(dst), opts, store=store)
-    finally:
-        store.close()
+    res = crt_download(rclone_s3, bucket, "big.bin", dst)
     assert res.state == "failed", res.errors
     assert "MD5" in res.errors[0].message and "does not match" in res.errors[0].message
     assert not dst.exists()
